@@ -1,0 +1,22 @@
+"""`distill bench …` — measured comparisons. Each benchmark lives in its own module and registers a
+sub-subcommand: kd (distill/bench_kd.py), overhead (distill/bench_overhead.py), pack (distill/bench_pack.py)."""
+
+from __future__ import annotations
+
+import importlib
+
+BENCH_MODULES = ["distill.bench_kd", "distill.bench_overhead", "distill.bench_pack"]
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("bench", help="benchmarks: KD vs CE, KD step overhead, packing")
+    sub = p.add_subparsers(dest="bench_command", metavar="BENCH")
+    for name in BENCH_MODULES:
+        try:
+            mod = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name == name:
+                continue
+            raise
+        mod.add_subparser(sub)
+    p.set_defaults(func=lambda args: (p.print_help(), 1)[1])
