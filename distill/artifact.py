@@ -397,13 +397,14 @@ def pack_checkpoint(
     budget_bytes: int = 16_000_000, calib_tokens: np.ndarray | None = None, embed_bits: int = 8,
     codec: str = "auto", layout: str = "auto", calib_seconds: float = 60.0, calib_max_tokens: int = 262_144,
     calib_seq_len: int | None = None, min_quant_numel: int = 65_536, progress: bool = True,
-    write: bool = True,
+    write: bool = True, entries_out: list | None = None,
 ) -> dict:
     """Quantize a float checkpoint and write one artifact at `out_path` (atomically, only if it fits).
 
     bits: 8/6/5/4 for the block matrices, or "auto" = the highest of 8/6/5/4 whose artifact fits the budget.
     Raises DistillError "<out>: artifact would be N bytes, over the budget of B bytes" when it does not fit
-    (nothing is written). Returns the report (sizes, choices, per-tensor table).
+    (nothing is written). Returns the report (sizes, choices, per-tensor table); `entries_out`, when a
+    list, receives the stored Entry objects (tests compare them with what load_artifact returns).
     """
     import time
 
@@ -449,6 +450,8 @@ def pack_checkpoint(
         raise DistillError(f"{out_path}: artifact would be {len(data)} bytes, over the budget of {budget_bytes} bytes")
     if write:
         write_bytes_atomic(out_path, data)
+    if entries_out is not None:
+        entries_out.extend(entries)
     w_ratio = info["weights_bytes"] / max(info["weights_raw_bytes"], 1)
     tensors = [{"name": e.name, "shape": e.shape, "bits": e.bits if e.bits < 16 else "fp16",
                 "clip": e.clip or None, "method": e.method, "bytes": e.raw_bytes(info["layout"]),
@@ -458,5 +461,5 @@ def pack_checkpoint(
         "bytes_per_param": len(data) / max(params, 1), "bits": bits if bits == "auto" else int(bits),
         "chosen_bits": b, "embed_bits": embed_bits, "method": method, "budget_bytes": budget_bytes,
         "tried": tried, "calib_tokens": calib_seen, "seconds": round(time.monotonic() - t0, 2),
-        "tensors": tensors, "_entries": entries,
+        "tensors": tensors,
     }

@@ -1,0 +1,187 @@
+"""`distill bench kd` — does distillation pay? CE-only vs KD students at equal wall-clock, several seeds.
+
+Workdir layout (every stage is reused when its output exists, so a rerun resumes):
+  tokenizer.model            student tokenizer (challenge spec; or --tokenizer)
+  train/ val/                challenge-format shards of --train-docs / --val-docs (val docs never trained on)
+  cache/  cache_val/         teacher targets on the train shards (KD) and on the val shards (teacher bpb)
+  runs/{ce,kd}_s{seed}/      student checkpoints + metrics.jsonl
+  kd_vs_ce.png, result.json
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from distill.errors import DistillError
+from distill.fsutil import write_json_atomic
+from distill.runner import distill_cmd, run_stage, train_cmd
+
+REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def _read_metrics(run: Path) -> list[dict]:
+    return [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+
+
+def _evals(rows: list[dict]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    ev = [r for r in rows if "val_bpb" in r]
+    return (np.array([r.get("elapsed_s", 0.0) for r in ev]), np.array([r.get("tokens", 0) for r in ev], float),
+            np.array([r["val_bpb"] for r in ev]))
+
+
+def _bpb_at_tokens(rows: list[dict], tokens: float) -> float | None:
+    _, tok, bpb = _evals(rows)
+    if len(tok) < 2 or tokens < tok[0]:
+        return None
+    return float(np.interp(tokens, tok, bpb))
+
+
+def run_bench_kd(teacher: str, train_docs: Path, val_docs: Path, workdir: Path, tokenizer: Path | None = None,
+                 minutes: float = 4.0, seeds: int = 3, k: int = 32, kd_alpha: float | None = None,
+                 config: Path | None = None, backend: str = "hf", vocab_size: int = 1024,
+                 max_model_len: int | None = None) -> dict:
+    workdir.mkdir(parents=True, exist_ok=True)
+    logs = workdir / "logs"
+    for p in (train_docs, val_docs):
+        if not Path(p).is_file():
+            raise DistillError(f"{p}: file not found")
+    tok = Path(tokenizer) if tokenizer else workdir / "tokenizer.model"
+    if not tok.exists():
+        if tokenizer:
+            raise DistillError(f"{tok}: tokenizer not found")
+        run_stage("tokenizer", distill_cmd("data", "tokenizer", "--docs", str(train_docs), "--vocab-size",
+                                           str(vocab_size), "--out", str(tok)), logs / "tokenizer.log")
+    for split, docs, extra in (("train", train_docs, ["--val-docs", "0"]),
+                               ("val", val_docs, ["--val-docs", "1000000000", "--no-curate"])):
+        if not (workdir / split / "manifest.json").exists():
+            run_stage(f"shards-{split}", distill_cmd("data", "build", "--docs", str(docs), "--tokenizer", str(tok),
+                                                     "--out", str(workdir / split), *extra), logs / f"{split}.log")
+    train_glob, val_glob = str(workdir / "train" / "fineweb_train_*.bin"), str(workdir / "val" / "fineweb_val_*.bin")
+    mml = ["--max-model-len", str(max_model_len)] if max_model_len else []
+    for name, glob in (("cache", train_glob), ("cache_val", val_glob)):
+        if not (workdir / name / "manifest.json").exists():
+            run_stage(f"precompute-{name}", distill_cmd(
+                "teacher", "precompute", "--teacher", teacher, "--backend", backend, "--tokenizer", str(tok),
+                "--shards", glob, "--k", str(k), "--out", str(workdir / name), *mml), logs / f"{name}.log")
+    info = run_stage("cache-info", distill_cmd("cache", "info", str(workdir / "cache_val"), "--json"),
+                     logs / "cache_info.log", json_last=True, echo=False)
+
+    cfg = Path(config) if config else REPO_CONFIGS / "demo_student.toml"
+    data = ["--data.train_shards", train_glob, "--data.val_shards", val_glob, "--data.tokenizer", str(tok)]
+    results: dict[str, list[dict]] = {"ce": [], "kd": []}
+    for seed in range(seeds):
+        for mode in ("ce", "kd"):
+            out = workdir / "runs" / f"{mode}_s{seed}"
+            extra = [] if mode == "ce" else ["--teacher-cache", str(workdir / "cache")] + (
+                ["--kd-alpha", str(kd_alpha)] if kd_alpha is not None else [])
+            if not (out / "model.safetensors").exists():
+                run_stage(f"train-{mode}-s{seed}", train_cmd(
+                    "--config", str(cfg), "--out", str(out), *data, "--seed", str(seed),
+                    "--train.max_seconds", str(minutes * 60), *extra), logs / f"{mode}_s{seed}.log")
+            seq_len = int(json.loads((out / "config.json").read_text())["data"]["seq_len"])
+            score = run_stage(f"score-{mode}-s{seed}", distill_cmd(
+                "score", str(out), "--tokenizer", str(tok), "--val", val_glob, "--seq-len", str(seq_len), "--json"),
+                logs / f"score_{mode}_s{seed}.log", json_last=True, echo=False)
+            rows = _read_metrics(out)
+            steps = [r for r in rows if "step_ms" in r]
+            results[mode].append({"seed": seed, "val_bpb": score["val_bpb"], "val_loss": score["val_loss"],
+                                  "tokens": steps[-1]["tokens"] if steps else 0,
+                                  "steps": steps[-1]["step"] if steps else 0, "rows": rows})
+    # equal tokens: KD's final val bpb against CE's val-bpb curve interpolated at KD's token count (and v.v.)
+    eq_tokens = []
+    for ce, kd in zip(results["ce"], results["kd"]):
+        t = min(ce["tokens"], kd["tokens"])
+        eq_tokens.append({"seed": ce["seed"], "tokens": t, "ce_bpb": _bpb_at_tokens(ce["rows"], t),
+                          "kd_bpb": _bpb_at_tokens(kd["rows"], t)})
+    plot_path = workdir / "kd_vs_ce.png"
+    _plot(results, plot_path, info)
+    ce_b = [r["val_bpb"] for r in results["ce"]]
+    kd_b = [r["val_bpb"] for r in results["kd"]]
+    out = {
+        "ce_bpb_mean": statistics.fmean(ce_b), "kd_bpb_mean": statistics.fmean(kd_b),
+        "delta_bpb_mean": statistics.fmean(kd_b) - statistics.fmean(ce_b),
+        "ce_bpb": ce_b, "kd_bpb": kd_b,
+        "ce_bpb_std": statistics.pstdev(ce_b), "kd_bpb_std": statistics.pstdev(kd_b),
+        "ce_tokens": [r["tokens"] for r in results["ce"]], "kd_tokens": [r["tokens"] for r in results["kd"]],
+        "ce_steps": [r["steps"] for r in results["ce"]], "kd_steps": [r["steps"] for r in results["kd"]],
+        "equal_tokens": eq_tokens,
+        "teacher_bpb": info.get("teacher_bpb", info.get("projected_teacher_bpb")),
+        "projected_teacher_bpb": info.get("projected_teacher_bpb"),
+        "aligned_fraction": info.get("aligned_fraction"),
+        "settings": {"teacher": teacher, "backend": backend, "k": k, "kd_alpha": kd_alpha, "minutes": minutes,
+                     "seeds": seeds, "config": str(cfg), "tokenizer": str(tok), "train_docs": str(train_docs),
+                     "val_docs": str(val_docs)},
+        "plot": str(plot_path),
+    }
+    write_json_atomic(workdir / "result.json", out)
+    return out
+
+
+def _plot(results: dict, path: Path, info: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for mode, color in (("ce", "tab:blue"), ("kd", "tab:red")):
+        for i, r in enumerate(results[mode]):
+            t, _, b = _evals(r["rows"])
+            if len(t):
+                ax.plot(t, b, color=color, alpha=0.8, label=f"{mode.upper()}" if i == 0 else None)
+    tb = info.get("projected_teacher_bpb")
+    if tb:
+        ax.axhline(tb, color="gray", ls="--", label=f"teacher (projected) {tb:.3f}")
+    ax.set_xlabel("wall-clock (s)")
+    ax.set_ylabel("val bpb")
+    ax.set_title("KD vs CE at equal wall-clock")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def print_table(r: dict) -> None:
+    print(f"{'seed':>4}  {'CE bpb':>8}  {'KD bpb':>8}  {'Δ':>8}  {'CE tok':>9}  {'KD tok':>9}")
+    for i, (c, k) in enumerate(zip(r["ce_bpb"], r["kd_bpb"])):
+        print(f"{i:>4}  {c:8.4f}  {k:8.4f}  {k - c:+8.4f}  {r['ce_tokens'][i]:>9}  {r['kd_tokens'][i]:>9}")
+    print(f"{'mean':>4}  {r['ce_bpb_mean']:8.4f}  {r['kd_bpb_mean']:8.4f}  {r['delta_bpb_mean']:+8.4f}")
+    if r.get("projected_teacher_bpb"):
+        print(f"teacher (projected onto the student vocab) val bpb: {r['projected_teacher_bpb']:.4f}")
+
+
+def add_subparser(sub) -> None:
+    p = sub.add_parser("kd", help="CE-only vs KD students at equal wall-clock over several seeds")
+    p.add_argument("--teacher", required=True, help="HF id, local dir, .gguf file or a student checkpoint dir")
+    p.add_argument("--train-docs", required=True, type=Path, help="JSONL of training documents")
+    p.add_argument("--val-docs", required=True, type=Path, help="JSONL of validation documents (never trained on)")
+    p.add_argument("--tokenizer", type=Path, default=None, help="student SentencePiece (default: train sp1024)")
+    p.add_argument("--minutes", type=float, default=4.0, help="wall-clock per student run")
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--k", type=int, default=32, help="teacher top-k")
+    p.add_argument("--kd-alpha", type=float, default=None, help="KD weight (default: the config's)")
+    p.add_argument("--config", type=Path, default=None, help="student config (default configs/demo_student.toml)")
+    p.add_argument("--backend", default="hf", choices=["hf", "vllm"])
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--workdir", required=True, type=Path)
+    p.add_argument("--json", action="store_true", help="print the result as one JSON line last")
+    p.set_defaults(func=_cmd)
+
+
+def _cmd(args) -> int:
+    r = run_bench_kd(args.teacher, args.train_docs, args.val_docs, args.workdir, tokenizer=args.tokenizer,
+                     minutes=args.minutes, seeds=args.seeds, k=args.k, kd_alpha=args.kd_alpha, config=args.config,
+                     backend=args.backend, max_model_len=args.max_model_len)
+    print_table(r)
+    print(f"plot: {r['plot']}", file=sys.stderr)
+    if args.json:
+        print(json.dumps(r))
+    return 0
