@@ -64,18 +64,19 @@ class HFBackend:
 
     def __init__(self, spec: TeacherSpec, *, max_model_len: int | None, batch_tokens: int, max_k: int,
                  device: str | None):
+        from importlib.metadata import version
+
         import torch
-        import transformers
 
         self.model_id = spec.model_id
         self.device = _pick_device(device)
         self.batch_tokens = int(batch_tokens)
-        self.version = f"transformers-{transformers.__version__}+torch-{torch.__version__}"
+        # importlib.metadata: recording the version must not cost the in-house path a transformers import
+        self.version = f"transformers-{version('transformers')}+torch-{torch.__version__}"
         on_gpu = self.device.startswith("cuda")
         if spec.kind == "inhouse":
             self.model = load_inhouse_model(spec.path)
-            self.vocab_size = int(self.model.cfg.vocab_size if hasattr(self.model, "cfg") else
-                                  self.model.lm_head_vocab)  # noqa
+            self.vocab_size = int(self.model.config.vocab_size)
             ctx = INHOUSE_DEFAULT_MAX_LEN
             self._inhouse = True
             # the golf GPT computes attention in the input dtype; keep fp32 on CPU, bf16 on GPU

@@ -1,0 +1,231 @@
+"""`distill data build`: documents -> curation -> [BOS]+ids -> challenge shards + manifest.json.
+
+Pipeline (constant memory apart from the dedup index):
+  sources.iter_docs -> batches of `batch_docs` -> workers: filters.analyze + SentencePiece encode
+  -> main process, in document order: Deduper -> ShardWriter (val for the first `val_docs` kept docs,
+  then train). Documents are packed as [BOS] + ids with no EOS and may straddle two shards
+  (the challenge's export). With --no-curate nothing is normalised or dropped, which reproduces the
+  challenge's own tokenization of a document list exactly.
+
+Nothing is half-written: shards go to a hidden staging folder inside OUT and are moved into place only
+after the last document; manifest.json (atomic) is written last. On any error the staging folder is
+removed and a DistillError (one line) reaches the CLI.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from itertools import islice
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+
+from distill.errors import DistillError
+from distill.data.filters import FILTERS, CurationConfig, Deduper, DocInfo, MinHasher, analyze
+from distill.data.sources import iter_docs
+from distill.fsutil import sha256_file, write_json_atomic
+from distill.shards import MAX_VOCAB, shard_name, write_shard
+from distill.tokenizer import load_tokenizer, tokenizer_hash
+
+MANIFEST_NAME = "manifest.json"
+MANIFEST_FORMAT = "distill-shards"
+MANIFEST_VERSION = 1
+
+
+@dataclass
+class BuildConfig:
+    docs: str
+    tokenizer: str
+    out: str
+    val_docs: int = 50_000  # the challenge: first 50,000 docs are validation
+    shard_tokens: int = 100_000_000
+    workers: int = 1
+    curate: bool = True
+    max_docs: int | None = None
+    batch_docs: int = 256
+    force: bool = False
+    curation: CurationConfig = field(default_factory=CurationConfig)
+
+
+class ShardWriter:
+    """Fills fixed-size shards of one split; a document may straddle two shards."""
+
+    def __init__(self, folder: Path, split: str, shard_tokens: int):
+        self.folder, self.split, self.cap = folder, split, shard_tokens
+        self.buf = np.empty(shard_tokens, dtype=np.uint16)
+        self.fill = 0
+        self.records: list[dict] = []
+
+    def add(self, ids: np.ndarray) -> None:
+        pos = 0
+        while pos < len(ids):
+            take = min(len(ids) - pos, self.cap - self.fill)
+            self.buf[self.fill : self.fill + take] = ids[pos : pos + take]
+            self.fill += take
+            pos += take
+            if self.fill == self.cap:
+                self._flush()
+
+    def close(self) -> None:
+        if self.fill:
+            self._flush()
+
+    def _flush(self) -> None:
+        name = shard_name(self.split, len(self.records))
+        path = self.folder / name
+        write_shard(path, self.buf[: self.fill])
+        self.records.append({"name": name, "split": self.split, "tokens": int(self.fill),
+                             "bytes": path.stat().st_size, "sha256": sha256_file(path)})
+        self.fill = 0
+
+
+# ------------------------------------------------------------------ per-batch work (runs in workers)
+
+_W: dict = {}
+
+
+def _init_worker(tokenizer_path: str, cfg: CurationConfig, curate: bool, sp_threads: int) -> None:
+    _W["sp"] = load_tokenizer(tokenizer_path)
+    _W["cfg"], _W["curate"], _W["threads"] = cfg, curate, sp_threads
+    _W["hasher"] = MinHasher(cfg) if curate else None
+
+
+def _process_batch(texts: list[str]) -> list[tuple[DocInfo | None, np.ndarray]]:
+    """Analyse + encode a batch: [(DocInfo or None when not curating, [BOS]+ids uint16)]."""
+    sp, cfg, curate = _W["sp"], _W["cfg"], _W["curate"]
+    infos = [analyze(t, cfg, _W["hasher"]) for t in texts] if curate else [None] * len(texts)
+    to_encode = [i.text for i in infos] if curate else texts
+    ids = sp.encode(to_encode, out_type=int, num_threads=_W["threads"])
+    bos = sp.bos_id()
+    return [(info, np.asarray([bos] + doc, dtype=np.uint16)) for info, doc in zip(infos, ids)]
+
+
+def _batches(it: Iterable[str], n: int) -> Iterator[list[str]]:
+    it = iter(it)
+    while batch := list(islice(it, n)):
+        yield batch
+
+
+# ------------------------------------------------------------------------------------- the build
+
+
+def _check_out(out: Path, force: bool) -> list[Path]:
+    """Existing outputs of an earlier build in OUT: refused unless --force (then replaced at the end)."""
+    if out.exists() and not out.is_dir():
+        raise DistillError(f"{out}: exists and is not a directory")
+    stale = sorted(out.glob("fineweb_*.bin")) + ([out / MANIFEST_NAME] if (out / MANIFEST_NAME).exists() else [])
+    if stale and not force:
+        raise DistillError(f"{out}: already holds shards or a manifest (pass --force to replace them)")
+    return stale
+
+
+def build_shards(cfg: BuildConfig, progress: bool = True) -> dict:
+    """Run the build; return the manifest dict (also written to OUT/manifest.json)."""
+    t0 = time.time()
+    if cfg.val_docs < 0:
+        raise DistillError(f"--val-docs: must be >= 0, got {cfg.val_docs}")
+    if cfg.shard_tokens <= 0:
+        raise DistillError(f"--shard-tokens: must be positive, got {cfg.shard_tokens}")
+    if cfg.workers < 1:
+        raise DistillError(f"--workers: must be >= 1, got {cfg.workers}")
+    sp = load_tokenizer(cfg.tokenizer)
+    vocab_size = int(sp.vocab_size())
+    if vocab_size > MAX_VOCAB:
+        raise DistillError(f"{cfg.tokenizer}: vocab {vocab_size} does not fit uint16 shards (max {MAX_VOCAB})")
+    docs_iter = iter_docs(cfg.docs, cfg.max_docs)  # resolves SRC now: a missing file fails before any write
+    out = Path(cfg.out)
+    stale = _check_out(out, cfg.force)
+    created_out = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".distill-build-", dir=out))
+    try:
+        counts = _run(cfg, docs_iter, staging, progress)
+        for p in stale:
+            p.unlink(missing_ok=True)
+        for rec in counts["shards"]:
+            os.replace(staging / rec["name"], out / rec["name"])
+        shutil.rmtree(staging, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        if created_out:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    settings = {k: v for k, v in asdict(cfg).items() if k != "curation"}
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "version": MANIFEST_VERSION,
+        "created_by": "distill data build",
+        "settings": settings,
+        "curation": cfg.curation.to_dict() if cfg.curate else None,
+        "tokenizer": {"path": str(Path(cfg.tokenizer).resolve()), "sha256": tokenizer_hash(cfg.tokenizer),
+                      "vocab_size": vocab_size},
+        "docs": counts["docs"],
+        "tokens": counts["tokens"],
+        "shards": counts["shards"],
+        "elapsed_s": round(time.time() - t0, 3),
+    }
+    write_json_atomic(out / MANIFEST_NAME, manifest)
+    return manifest
+
+
+def _run(cfg: BuildConfig, docs_iter: Iterator[str], staging: Path, progress: bool) -> dict:
+    dropped_docs = {f: 0 for f in FILTERS}
+    dropped_tokens = {f: 0 for f in FILTERS}
+    n_in = tok_in = 0
+    kept = {"val": 0, "train": 0}
+    kept_tokens = {"val": 0, "train": 0}
+    writers = {s: ShardWriter(staging, s, cfg.shard_tokens) for s in ("val", "train")}
+    deduper = Deduper(cfg.curation) if cfg.curate else None
+    init_args = (cfg.tokenizer, cfg.curation, cfg.curate, 1)
+
+    from tqdm import tqdm
+
+    pbar = tqdm(desc="build", unit="doc", disable=None if progress else True, total=cfg.max_docs)
+    pool = None
+    try:
+        if cfg.workers > 1:
+            pool = mp.get_context("fork" if os.name == "posix" else "spawn").Pool(
+                cfg.workers, initializer=_init_worker, initargs=init_args)
+            results = pool.imap(_process_batch, _batches(docs_iter, cfg.batch_docs), chunksize=1)
+        else:  # in-process; let SentencePiece use its own threads for the encode
+            _init_worker(*init_args[:3], -1)
+            results = map(_process_batch, _batches(docs_iter, cfg.batch_docs))
+        for batch in results:
+            for info, ids in batch:
+                n_in += 1
+                tok_in += len(ids)
+                reason = None
+                if info is not None:
+                    reason = info.reject or deduper.check(info)
+                if reason is not None:
+                    dropped_docs[reason] += 1
+                    dropped_tokens[reason] += len(ids)
+                    continue
+                split = "val" if kept["val"] < cfg.val_docs else "train"
+                writers[split].add(ids)
+                kept[split] += 1
+                kept_tokens[split] += len(ids)
+            pbar.update(len(batch))
+            pbar.set_postfix(kept=kept["val"] + kept["train"], refresh=False)
+        for w in writers.values():
+            w.close()
+    finally:
+        pbar.close()
+        if pool is not None:
+            pool.terminate()
+    n_kept = kept["val"] + kept["train"]
+    assert n_kept + sum(dropped_docs.values()) == n_in  # every document is accounted for exactly once
+    return {
+        "docs": {"input": n_in, "kept": n_kept, "val": kept["val"], "train": kept["train"],
+                 "dropped": dropped_docs if cfg.curate else {}},
+        "tokens": {"input": tok_in, "kept": kept_tokens["val"] + kept_tokens["train"], "val": kept_tokens["val"],
+                   "train": kept_tokens["train"], "dropped": dropped_tokens if cfg.curate else {},
+                   "note": "token counts include one BOS per document"},
+        "shards": writers["val"].records + writers["train"].records,
+    }

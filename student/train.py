@@ -1,0 +1,410 @@
+"""Train a golf GPT student: CE or KD against a teacher cache, Muon + Adam, wall-clock capped.
+
+    python -m student.train --config configs/demo_student.toml [--max-steps N] [--out DIR] [--resume]
+    accelerate launch --cpu --num_processes 2 -m student.train --config ... (gloo DDP on CPU)
+    accelerate launch --num_processes 8 -m student.train --config configs/baseline_sp1024.toml
+
+Overrides: `--section.key value` for any config key, plus --max-steps, --out, --seed, --teacher-cache,
+--kd-alpha. The output directory is the checkpoint (model.safetensors, config.json, config.toml,
+metrics.jsonl, train.png, resume/). Schedules follow openai/parameter-golf train_gpt.py: Muon momentum
+warm-up 0.85 -> 0.95 over 500 steps, LR warmdown over the last `warmdown_steps` (estimated from the mean
+step time under the wall-clock cap), training time excluding evaluation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import platform
+import subprocess
+import sys
+import time
+import types
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from distill.errors import DistillError
+from distill.fsutil import write_text_atomic
+from distill.losses import ce_loss, kd_loss
+from student.checkpoint import load_resume, rng_state, save_checkpoint, save_resume, set_rng_state
+from student.config import RunConfig, load_config
+from student.loader import DistributedLoader
+from student.model import GPT
+from student.muon import build_optimizers, matrix_modules, zeropower_via_newtonschulz5
+
+
+def run_meta(cfg: RunConfig, world: int, device: torch.device) -> dict:
+    """What produced this run: versions, git state, world size (the golf habit: every log says it)."""
+    import accelerate
+
+    from distill import __version__
+
+    repo = Path(__file__).resolve().parents[1]
+    git = {}
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=repo, capture_output=True, text=True, timeout=5)
+        git = {"commit": sha.stdout.strip(), "dirty": bool(dirty.stdout.strip())}
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return {"distill": __version__, "torch": torch.__version__, "accelerate": accelerate.__version__,
+            "python": platform.python_version(), "world_size": world, "device": str(device), "git": git}
+
+
+def _qat_forward(self, x: torch.Tensor) -> torch.Tensor:
+    """nn.Linear.forward with the weight fake-quantized (straight-through) while `self._qat_on`."""
+    w = self.weight
+    if self._qat_on:
+        from distill.quant import fake_quantize
+
+        w = fake_quantize(w, self._qat_bits, self._qat_clip)
+    return F.linear(x, w.to(x.dtype), self.bias)
+
+
+class Trainer:
+    """One training run; `train_step()` is one optimizer step (the overhead benchmark drives it too)."""
+
+    def __init__(self, cfg: RunConfig, accelerator=None, out_dir: str | Path | None = None,
+                 resume: bool = False, log: bool = True):
+        from accelerate import Accelerator
+
+        t = cfg.train
+        self.cfg = cfg
+        self.acc = accelerator or Accelerator(cpu=t.device == "cpu")
+        self.device = self.acc.device
+        if t.device == "cuda" and self.device.type != "cuda":
+            raise DistillError("train.device: cuda requested but no CUDA device is available")
+        self.rank, self.world = self.acc.process_index, self.acc.num_processes
+        self.main = self.acc.is_main_process
+        self.log_enabled = log and self.main
+        self.out = Path(out_dir or t.out)
+        cuda = self.device.type == "cuda"
+        self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda and t.bf16 else contextlib.nullcontext()
+        if cuda:
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+
+        torch.manual_seed(t.seed)  # identical init on every rank; data order comes from the loader
+        np.random.seed(t.seed + self.rank)
+        self.model = GPT(cfg.model).to(self.device)
+        self.optimizers = build_optimizers(self.model, cfg.optim, tied=cfg.model.tie_embeddings)
+        self.muon = next(o for o in self.optimizers if hasattr(o, "orthogonalize"))
+        self.ema = [p.detach().float().clone() for p in self.model.parameters()] if t.ema else None
+        if t.qat:
+            for m in matrix_modules(self.model):
+                m._qat_on, m._qat_bits, m._qat_clip = False, t.qat_bits, t.qat_clip
+                m.forward = types.MethodType(_qat_forward, m)
+        self.step, self.train_ms, self.tokens = 0, 0.0, 0
+        self.rows: list[dict] = []
+        loader_state = None
+        if resume:
+            loader_state = self._load_resume()
+        fwd = self.model
+        if cuda and t.compile:
+            fwd = torch.compile(self.model, dynamic=False)
+            self.muon.orthogonalize = torch.compile(zeropower_via_newtonschulz5)
+        self.fwd = self.acc.prepare(fwd)  # DDP when world > 1
+
+        self.local_tokens = t.batch_tokens // (self.world * t.grad_accum_steps)
+        if self.local_tokens * self.world * t.grad_accum_steps != t.batch_tokens:
+            raise DistillError(f"train.batch_tokens: {t.batch_tokens} is not divisible by world_size "
+                               f"{self.world} x grad_accum_steps {t.grad_accum_steps}")
+        self.kd_on = bool(cfg.kd.teacher_cache)
+        self.loader_args = dict(pattern=cfg.data.train_shards, seq_len=t.seq_len, local_tokens=self.local_tokens,
+                                rank=self.rank, world_size=self.world, vocab_size=cfg.model.vocab_size,
+                                cache_dir=cfg.kd.teacher_cache or None, tokenizer_path=cfg.data.tokenizer or None,
+                                prefetch=cfg.data.prefetch, pin_memory=cuda)
+        self.loader = DistributedLoader(**self.loader_args, state=loader_state)
+        self.val_tokens, self.luts = self._load_val()
+        if t.compile_warmup_steps > 0 and not resume:
+            self._compile_warmup(t.compile_warmup_steps)
+
+    # ---------------------------------------------------------------------------------- setup
+    def _load_val(self):
+        d = self.cfg.data
+        if not d.val_shards:
+            return None, None
+        from distill.shards import load_tokens
+        from distill.tokenizer import build_luts, load_tokenizer
+
+        if not d.tokenizer:
+            raise DistillError("data.tokenizer: needed for val bpb (or set data.val_shards = \"\")")
+        sp = load_tokenizer(d.tokenizer)
+        if int(sp.vocab_size()) != self.cfg.model.vocab_size:
+            raise DistillError(f"{d.tokenizer}: tokenizer vocab {int(sp.vocab_size())} != model.vocab_size "
+                               f"{self.cfg.model.vocab_size}")
+        return load_tokens(d.val_shards, vocab_size=self.cfg.model.vocab_size), build_luts(sp, self.cfg.model.vocab_size)
+
+    def _load_resume(self) -> dict:
+        st = load_resume(self.out, "state")
+        if st["config"]["model"] != self.cfg.to_dict()["model"]:
+            raise DistillError(f"{self.out}/resume: saved model config differs from --config's [model]")
+        self.model.load_state_dict(st["model"])
+        for opt, sd in zip(self.optimizers, st["optimizers"], strict=True):
+            opt.load_state_dict(sd)
+        if self.ema is not None and st.get("ema") is not None:
+            self.ema = [e.to(self.device) for e in st["ema"]]
+        self.step, self.train_ms, self.tokens = st["step"], st["train_ms"], st["tokens"]
+        rng = load_resume(self.out, f"rng_rank{self.rank}", required=False)
+        if rng is not None:
+            set_rng_state(rng)
+        mpath = self.out / "metrics.jsonl"
+        if mpath.is_file():
+            rows = [json.loads(line) for line in mpath.read_text().splitlines() if line.strip()]
+            self.rows = [r for r in rows if r.get("step", 0) <= self.step]
+        return st["loader"]
+
+    def _compile_warmup(self, n: int) -> None:
+        """Run n steps to trigger compilation, then roll weights, optimizers and data back (the baseline)."""
+        snap_model = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        snap_opt = [copy.deepcopy(o.state_dict()) for o in self.optimizers]
+        for _ in range(n):
+            self.train_step(record=False)
+        self.model.load_state_dict(snap_model)
+        for o, sd in zip(self.optimizers, snap_opt):
+            o.load_state_dict(sd)
+        self.step, self.train_ms, self.tokens = 0, 0.0, 0
+        if self.ema is not None:
+            self.ema = [p.detach().float().clone() for p in self.model.parameters()]
+        self.loader.close()
+        self.loader = DistributedLoader(**self.loader_args)
+
+    # ---------------------------------------------------------------------------------- schedules
+    def progress(self) -> float:
+        """Fraction of the budget used: max over the step budget and the wall-clock budget."""
+        t = self.cfg.train
+        p = self.step / t.max_steps
+        if t.max_wallclock_s > 0:
+            p = max(p, self.train_ms / (1000.0 * t.max_wallclock_s))
+        return min(p, 1.0)
+
+    def lr_scale(self) -> float:
+        t = self.cfg.train
+        remaining = float(t.max_steps - self.step)
+        if t.max_wallclock_s > 0 and self.step > 0:  # steps left at the mean step time so far
+            step_ms = self.train_ms / self.step
+            remaining = min(remaining, max(1000.0 * t.max_wallclock_s - self.train_ms, 0.0) / step_ms)
+        total = self.step + remaining
+        warmdown = t.warmdown_frac * total if t.warmdown_frac > 0 else float(t.warmdown_steps)
+        scale = min(1.0, remaining / warmdown) if warmdown > 0 else 1.0
+        if t.lr_warmup_steps > 0:
+            scale *= min(1.0, (self.step + 1) / t.lr_warmup_steps)
+        return max(scale, 0.0)
+
+    def alpha(self) -> float:
+        k = self.cfg.kd
+        a, p = k.alpha, self.progress()
+        if "warmup" in k.alpha_schedule and k.alpha_warmup_frac > 0:
+            a *= min(1.0, p / k.alpha_warmup_frac)
+        if "anneal" in k.alpha_schedule and k.alpha_anneal_frac > 0 and p > 1.0 - k.alpha_anneal_frac:
+            frac = min(1.0, (p - (1.0 - k.alpha_anneal_frac)) / k.alpha_anneal_frac)
+            a = (1.0 - frac) * a + frac * k.alpha_final
+        return a
+
+    def _set_qat(self) -> bool:
+        t = self.cfg.train
+        on = t.qat and self.progress() >= 1.0 - t.qat_frac
+        if t.qat:
+            for m in matrix_modules(self.model):
+                m._qat_on = on
+        return on
+
+    # ---------------------------------------------------------------------------------- the step
+    def train_step(self, record: bool = True) -> dict:
+        t, o = self.cfg.train, self.cfg.optim
+        t0 = time.perf_counter()
+        scale, alpha, qat_on = self.lr_scale(), self.alpha(), self._set_qat()
+        frac = min(self.step / o.muon_momentum_warmup_steps, 1.0) if o.muon_momentum_warmup_steps > 0 else 1.0
+        for g in self.muon.param_groups:
+            g["momentum"] = (1 - frac) * o.muon_momentum_warmup_start + frac * o.muon_momentum
+        for opt in self.optimizers:
+            for g in opt.param_groups:
+                g["lr"] = g["base_lr"] * scale
+        sums = torch.zeros(3, device=self.device)  # loss, ce, kd
+        for micro in range(t.grad_accum_steps):
+            batch = self.loader.next_batch().to(self.device)
+            sync = micro == t.grad_accum_steps - 1
+            with (contextlib.nullcontext() if sync else self.acc.no_sync(self.fwd)), self.autocast:
+                logits = self.fwd(batch.x).reshape(-1, self.cfg.model.vocab_size)
+                y = batch.y.reshape(-1)
+                if self.kd_on:
+                    loss, ce, kd = kd_loss(logits, y, batch.ids, batch.probs, batch.residual, alpha,
+                                           self.cfg.kd.temperature, self.cfg.kd.chunk_rows or None)
+                else:
+                    loss = ce = ce_loss(logits, y)
+                    kd = torch.zeros((), device=self.device)
+                self.acc.backward(loss / t.grad_accum_steps)
+            sums += torch.stack([loss.detach(), ce.detach(), kd.detach()]).float()
+        if t.grad_clip_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip_norm)
+        for opt in self.optimizers:
+            opt.step()
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            params = [p.detach().float() for p in self.model.parameters()]
+            torch._foreach_lerp_(self.ema, params, 1.0 - t.ema_decay)
+        sums /= t.grad_accum_steps
+        vals = sums.tolist()  # syncs the device: step_ms is the real step time
+        step_ms = 1000.0 * (time.perf_counter() - t0)
+        self.step += 1
+        self.tokens += t.batch_tokens
+        self.train_ms += self._agree_max(step_ms)  # every rank stops (and schedules) on the same clock
+        row = {"step": self.step, "loss": vals[0], "step_ms": step_ms, "tokens": self.tokens,
+               "lr": o.matrix_lr * scale, "lr_scale": scale, "elapsed_s": self.train_ms / 1000.0}
+        if self.kd_on:
+            row.update(ce=vals[1], kd=vals[2], alpha=alpha)
+        if qat_on:
+            row["qat"] = True
+        if record:
+            self.rows.append(row)
+        return row
+
+    def _agree_max(self, x: float) -> float:
+        if self.world > 1 and dist.is_initialized():
+            tx = torch.tensor([x], dtype=torch.float64, device=self.device)
+            dist.all_reduce(tx, op=dist.ReduceOp.MAX)
+            return float(tx.item())
+        return x
+
+    # ---------------------------------------------------------------------------------- eval + save
+    def saved_state(self) -> dict[str, torch.Tensor]:
+        """The weights a checkpoint holds: EMA when enabled, else the live weights (float32, CPU)."""
+        names = [n for n, _ in self.model.named_parameters()]
+        state = {k: v.detach().float().cpu() for k, v in self.model.state_dict().items()}
+        if self.ema is not None:
+            state.update({n: e.detach().cpu().clone() for n, e in zip(names, self.ema)})
+        return state
+
+    def evaluate(self, state: dict[str, torch.Tensor] | None = None) -> dict | None:
+        """Val bpb, windows split across ranks (non-overlapping windows) and summed in float64."""
+        if self.val_tokens is None:
+            return None
+        from distill.metric import evaluate_bpb, window_plan
+
+        e, L = self.cfg.eval, self.cfg.train.seq_len
+        model = self.model
+        if state is not None:
+            model = GPT(self.cfg.model).to(self.device)
+            model.load_state_dict(state)
+        stride = e.val_stride or None
+        n_win = len(window_plan(len(self.val_tokens), L, stride))
+        if e.val_max_windows > 0:
+            n_win = min(n_win, e.val_max_windows)
+        sums = torch.zeros(3, dtype=torch.float64, device=self.device)  # nll, tokens, bytes
+        split = stride is None or stride == L
+        lo, hi = (n_win * self.rank // self.world, n_win * (self.rank + 1) // self.world) if split else (0, n_win)
+        if hi > lo and (split or self.main):
+            toks = self.val_tokens[lo * L : hi * L + 1] if split else self.val_tokens
+            with self.autocast:
+                r = evaluate_bpb(model, toks, self.luts, L, stride=stride, batch_size=e.val_batch_size,
+                                 device=self.device, max_windows=None if split else n_win)
+            sums += torch.tensor([r["val_loss"] * r["tokens"], r["tokens"], r["bytes"]], dtype=torch.float64,
+                                 device=self.device)
+        if self.world > 1 and dist.is_initialized():
+            dist.all_reduce(sums)
+        nll, n_tok, n_bytes = sums.tolist()
+        return {"val_loss": nll / n_tok, "val_bpb": nll / (math.log(2) * n_bytes), "val_tokens": int(n_tok)}
+
+    def save(self, final: bool = False) -> None:
+        cfg_dict = self.cfg.to_dict()
+        if self.main:
+            cfg_dict["meta"] = run_meta(self.cfg, self.world, self.device)
+            save_checkpoint(self.out, self.model, cfg_dict, state=self.saved_state())
+            save_resume(self.out, "state", {
+                "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+                "optimizers": [o.state_dict() for o in self.optimizers],
+                "ema": None if self.ema is None else [e.cpu() for e in self.ema],
+                "loader": self.loader.state, "step": self.step, "train_ms": self.train_ms,
+                "tokens": self.tokens, "config": self.cfg.to_dict()})
+            self.write_metrics()
+            if final and self.cfg.train.plot:
+                from student.plot import plot_metrics
+
+                plot_metrics(self.rows, self.out / "train.png", title=str(self.out.name))
+        save_resume(self.out, f"rng_rank{self.rank}", rng_state())
+        self.acc.wait_for_everyone()
+
+    def write_metrics(self) -> None:
+        if self.main:
+            write_text_atomic(self.out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.rows))
+
+    def log(self, row: dict) -> None:
+        if not self.log_enabled:
+            return
+        keys = ["step", "loss", "ce", "kd", "alpha", "lr_scale", "step_ms", "tokens", "elapsed_s",
+                "val_loss", "val_bpb"]
+        parts = []
+        for k in keys:
+            if k in row:
+                v = row[k]
+                v = f"{v}/{self.cfg.train.max_steps}" if k == "step" else (f"{v:.4f}" if isinstance(v, float) else v)
+                parts.append(f"{k}:{v}")
+        print(" | ".join(parts), file=sys.stderr, flush=True)
+
+    # ---------------------------------------------------------------------------------- the loop
+    def run(self) -> dict:
+        t, e = self.cfg.train, self.cfg.eval
+        cap_ms = 1000.0 * t.max_wallclock_s if t.max_wallclock_s > 0 else math.inf
+        last_flush = time.perf_counter()
+        while self.step < t.max_steps and self.train_ms < cap_ms:
+            row = self.train_step()
+            if e.val_every > 0 and self.step % e.val_every == 0 and self.step < t.max_steps:
+                row.update(self.evaluate() or {})
+            if t.log_every > 0 and (self.step % t.log_every == 0 or "val_bpb" in row):
+                self.log(row)
+            if t.checkpoint_every > 0 and self.step % t.checkpoint_every == 0:
+                self.save()
+            elif time.perf_counter() - last_flush > 10.0:
+                self.write_metrics()
+                last_flush = time.perf_counter()
+        self.loader.close()
+        summary = {"steps": self.step, "tokens": self.tokens, "train_s": self.train_ms / 1000.0,
+                   "stopped_by": "wallclock" if self.train_ms >= cap_ms else "max_steps"}
+        if e.final_eval:
+            res = self.evaluate(self.saved_state())
+            if res is not None:
+                summary.update(res)
+                if self.rows:
+                    self.rows[-1].update(res)
+                    self.log(self.rows[-1])
+        self.save(final=True)
+        summary["out"] = str(self.out)
+        return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="student.train", description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    ap.add_argument("--config", help="TOML run config (defaults: the challenge baseline)")
+    ap.add_argument("--resume", action="store_true", help="continue the run in --out from its resume/ state")
+    ap.add_argument("--json", action="store_true", help="print a JSON summary as the last stdout line")
+    args, overrides = ap.parse_known_args(argv)
+    cfg = load_config(args.config, overrides)
+    trainer = Trainer(cfg, resume=args.resume)
+    summary = trainer.run()
+    if trainer.main:
+        print(json.dumps(summary) if args.json else
+              f"done: {summary['steps']} steps, {summary['train_s']:.1f}s"
+              + (f", val_bpb {summary['val_bpb']:.4f}" if "val_bpb" in summary else "") + f" -> {summary['out']}")
+    return 0
+
+
+def cli_main(argv: list[str] | None = None) -> int:
+    """`python -m student.train`: a DistillError is one line on stderr and exit code 2."""
+    try:
+        return main(argv)
+    except DistillError as e:
+        print(f"distill: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(cli_main())

@@ -1,0 +1,64 @@
+"""`distill teacher precompute`: teacher targets for student token shards (see teachers/precompute.py).
+
+Multi-GPU on one node: one process per GPU, each with its own device and worker index, same --out:
+    for i in 0 1 2 3; do CUDA_VISIBLE_DEVICES=$i distill teacher precompute ... --num-shards 4 --shard-index $i & done; wait
+Multi-node: the same with --num-shards = total workers over all nodes and --out on a shared filesystem
+(or copy every worker's chunks/ into one directory and rerun the command once without --num-shards:
+it finds every chunk present and only writes manifest.json).
+"""
+
+from __future__ import annotations
+
+import json
+
+from distill.errors import DistillError
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("teacher", help="offline teacher scoring")
+    sub = p.add_subparsers(dest="teacher_command", metavar="SUBCOMMAND")
+    pc = sub.add_parser("precompute", help="score token shards with a teacher; write the student-space cache")
+    pc.add_argument("--teacher", required=True,
+                    help="HF model id / transformers dir, a .gguf file, or a student checkpoint dir (same tokenizer)")
+    pc.add_argument("--backend", default="hf", choices=["hf", "vllm"], help="scoring engine (default hf)")
+    pc.add_argument("--tokenizer", required=True, help="the student SentencePiece .model")
+    pc.add_argument("--shards", required=True, help="glob of student token shards")
+    pc.add_argument("--k", type=int, default=16, help="teacher top-k per position (default 16)")
+    pc.add_argument("--k-student", type=int, default=None,
+                    help="student ids stored per row after projection (default --k; identity teachers: --k)")
+    pc.add_argument("--out", required=True, help="cache directory (student space only)")
+    pc.add_argument("--num-shards", type=int, default=1, help="number of parallel workers")
+    pc.add_argument("--shard-index", type=int, default=0, help="this worker's index in [0, --num-shards)")
+    pc.add_argument("--max-model-len", type=int, default=None, help="cap on the teacher window (tokens)")
+    pc.add_argument("--batch-tokens", type=int, default=8192, help="padded tokens per forward batch")
+    pc.add_argument("--keep-teacher-space", default=None, metavar="DIR2", help="also keep teacher-space records here")
+    pc.add_argument("--chunk-rows", type=int, default=65536, help="rows per cache chunk (default 65536)")
+    pc.add_argument("--prob-bits", type=int, default=12, help="bits per stored probability code (default 12)")
+    pc.add_argument("--zstd-level", type=int, default=12, help="zstd level (default 12)")
+    pc.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    pc.add_argument("--no-progress", action="store_true", help="no progress bar")
+    pc.add_argument("--json", action="store_true", help="print a JSON summary as the last stdout line")
+    pc.set_defaults(func=_precompute)
+    p.set_defaults(func=lambda args: (p.print_help(), 1)[1])
+
+
+def _precompute(args) -> int:
+    from teachers.precompute import PrecomputeConfig, run_precompute
+
+    for flag, v, lo in (("--k", args.k, 1), ("--num-shards", args.num_shards, 1), ("--batch-tokens", args.batch_tokens, 2),
+                        ("--chunk-rows", args.chunk_rows, 1)):
+        if v < lo:
+            raise DistillError(f"{flag} {v}: must be >= {lo}")
+    if not 6 <= args.prob_bits <= 16:
+        raise DistillError(f"--prob-bits {args.prob_bits}: must lie in [6, 16]")
+    cfg = PrecomputeConfig(
+        teacher=args.teacher, tokenizer=args.tokenizer, shards=args.shards, out=args.out, backend=args.backend,
+        k=args.k, k_student=args.k_student, num_workers=args.num_shards, worker_index=args.shard_index,
+        max_model_len=args.max_model_len, batch_tokens=args.batch_tokens, keep_teacher_space=args.keep_teacher_space,
+        chunk_rows=args.chunk_rows, prob_bits=args.prob_bits, zstd_level=args.zstd_level, device=args.device,
+        progress=not args.no_progress,
+    )
+    summary = run_precompute(cfg)
+    if args.json:
+        print(json.dumps(summary))
+    return 0

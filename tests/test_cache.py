@@ -1,0 +1,129 @@
+"""The student-space teacher cache format (distill/cache.py) and `distill cache info`.
+
+Run: python -m pytest -q tests/test_cache.py      (~5 s)
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from distill import cache as dc
+from distill.cli import main as cli_main
+from distill.errors import DistillError
+from distill.shards import write_shard
+
+VOCAB = 1024
+
+
+def _targets(rng, n: int, k: int, temp: float = 2.0):
+    """Realistic-ish rows: softmax of random logits, top-k, a few rows without target."""
+    logits = rng.normal(size=(n, VOCAB)) * temp
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    ids = np.argsort(-p, axis=1)[:, :k]
+    probs = np.take_along_axis(p, ids, 1).astype(np.float32)
+    probs[::97] = 0.0  # rows without a target
+    probs[-1] = 0.0
+    return ids, probs, (1 - probs.sum(1)).astype(np.float32)
+
+
+@pytest.fixture()
+def small_cache(tmp_path, sp1024_path):
+    rng = np.random.default_rng(0)
+    shards, targets = [], []
+    for i, n in enumerate((3000, 1234)):
+        p = tmp_path / f"fineweb_val_{i:06d}.bin"
+        write_shard(p, rng.integers(0, VOCAB, n))
+        shards.append(p)
+        targets.append(_targets(rng, n, 16))
+    out = tmp_path / "cache"
+    dc.write_cache_from_arrays(out, shards, sp1024_path, targets, {"chunk_rows": 512, "teacher": {"id": "t"}})
+    return out, shards, targets
+
+
+def _row_sorted(ids, probs):
+    o = np.argsort(ids, axis=1, kind="stable")
+    return np.take_along_axis(ids, o, 1), np.take_along_axis(probs, o, 1)
+
+
+def test_roundtrip_precision_and_residual_identity(small_cache):
+    out, shards, targets = small_cache
+    for si, (ids, probs, _res) in enumerate(targets):
+        rids, rprobs, rres = dc.load_targets(out, si)
+        assert rids.shape == ids.shape and rprobs.dtype == np.float32 and rres.dtype == np.float32
+        sids, sprobs = _row_sorted(ids, probs)
+        assert np.array_equal(rids.astype(np.int64), sids)  # same id sets (stored sorted by id)
+        assert np.abs(rprobs - sprobs).max() <= 2.5e-4  # 12-bit sqrt codes: <= sqrt(p)/4095 + one fix step
+        assert np.array_equal(rres, np.float32(1) - rprobs.sum(1, dtype=np.float32))
+        assert rres.min() >= 0.0
+        empty = probs.sum(1) == 0
+        assert np.all(rprobs[empty].sum(1) == 0) and np.all(rres[empty] == 1.0)
+
+
+def test_quantize_never_exceeds_one():
+    rng = np.random.default_rng(1)
+    p = rng.dirichlet(np.full(16, 0.3), size=5000)  # rows summing to 1: rounding up must be undone
+    ids = np.tile(np.arange(16), (5000, 1))
+    for bits in (8, 10, 12):
+        _, codes = dc.quantize_probs(ids, p, bits)
+        deq = dc.dequantize_codes(codes, bits)
+        assert deq.sum(1, dtype=np.float32).max() <= 1.0
+        assert np.abs(deq - p).max() <= 2.0 / (1 << bits)
+
+
+def test_read_span_matches_full_read_across_chunks(small_cache):
+    out, _shards, _ = small_cache
+    r = dc.CacheReader(out)
+    full = dc.load_targets(out, 0)
+    assert r.k == 16 and r.num_shards == 2 and r.shard_tokens(0) == 3000
+    for a, b in ((0, 1), (500, 1600), (511, 513), (2999, 3000), (0, 3000), (7, 7)):
+        span = r.read_span(0, a, b)
+        for x, y in zip(span, full):
+            assert np.array_equal(x, y[a:b])
+    with pytest.raises(DistillError):
+        r.read_span(0, 10, 3001)
+
+
+def test_check_shards_refuses_other_shards_and_tokenizer(small_cache, tmp_path, shared_data):
+    out, shards, _ = small_cache
+    r = dc.CacheReader(out)
+    r.check_shards(shards)  # the originals pass
+    assert r.shard_index_of(shards[1]) == 1
+    other = tmp_path / "other" / shards[0].name
+    other.parent.mkdir()
+    write_shard(other, np.arange(3000) % VOCAB)  # same name and size, other tokens
+    with pytest.raises(DistillError, match="differ"):
+        r.check_shards([other, shards[1]])
+    with pytest.raises(DistillError, match="built for shards"):
+        r.check_shards(shards[:1])
+    with pytest.raises(DistillError, match="tokenizer"):
+        r.check_shards(shards, tokenizer_path=shared_data / "tokenizers" / "fineweb_4096_bpe.model")
+
+
+def test_corruption_and_incomplete_are_one_line_errors(small_cache, tmp_path):
+    out, _shards, _ = small_cache
+    bad = tmp_path / "bad"
+    shutil.copytree(out, bad)
+    chunk = dc.chunk_path(bad, 0, 1)
+    data = bytearray(chunk.read_bytes())
+    data[-5] ^= 0xFF
+    chunk.write_bytes(bytes(data))
+    with pytest.raises(DistillError, match="checksum"):
+        dc.load_targets(bad, 0)
+    (bad / "manifest.json").unlink()
+    with pytest.raises(DistillError, match="incomplete"):
+        dc.CacheReader(bad)
+
+
+def test_cache_info_json(small_cache, capsys):
+    out, _, _ = small_cache
+    assert cli_main(["cache", "info", str(out), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert info["tokens"] == 4234 and info["k"] == 16 and info["teacher"] == "t"
+    assert info["bytes_on_disk"] > 0 and abs(info["bytes_per_token"] - info["bytes_on_disk"] / 4234) < 1e-9
+    for key in ("aligned_fraction", "projected_teacher_bpb", "backend"):
+        assert key in info

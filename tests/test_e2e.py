@@ -1,0 +1,77 @@
+"""End to end on real text: the demo pipeline (tokenizer → shards → in-house teacher → teacher cache → CE
+and KD students → pack → score of the roundtripped artifact), shortened to 3 training steps per model.
+
+Run: pytest -q tests/test_e2e.py
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    wd = tmp_path_factory.mktemp("demo")
+    proc = subprocess.run([sys.executable, "-m", "distill.cli", "demo", "--workdir", str(wd), "--quick"],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return wd, proc
+
+
+def test_demo_summary(demo):
+    wd, proc = demo
+    s = json.loads((wd / "summary.json").read_text())
+    for key in ("artifact_path", "artifact_bytes", "checkpoint", "student_config", "tokenizer", "train_shards",
+                "val_shards", "seq_len", "val_bpb", "val_loss", "teacher_checkpoint", "teacher_cache"):
+        assert key in s, key
+    assert s["artifact_bytes"] == os.path.getsize(s["artifact_path"])
+    assert s["artifact_bytes"] <= 16_000_000
+    # 3 steps of training: better than nothing (uniform over 1024 ids ≈ 10 bits/token ≈ 4+ bpb), finite
+    assert 0.5 < s["val_bpb"] < 8.0 and np.isfinite(s["val_loss"])
+    assert "final val_bpb" in proc.stdout
+
+
+def test_demo_score_matches_independent_metric(demo):
+    """`distill score` of the artifact == a plain float64 loop over the same windows via load_artifact."""
+    import torch
+
+    from distill.artifact import load_artifact
+    from distill.shards import load_tokens
+    from distill.tokenizer import load_tokenizer
+
+    wd, _ = demo
+    s = json.loads((wd / "summary.json").read_text())
+    model = load_artifact(s["artifact_path"])
+    sp = load_tokenizer(s["tokenizer"])
+    toks = np.asarray(load_tokens(s["val_shards"])).astype(np.int64)
+    L = s["seq_len"]
+    n = ((len(toks) - 1) // L) * L + 1
+    nll, nbytes = 0.0, 0
+    for w in range(0, n - 1, L):
+        x = torch.from_numpy(toks[w : w + L])[None]
+        y = toks[w + 1 : w + L + 1]
+        with torch.no_grad():
+            lp = torch.log_softmax(model(x)[0].double(), -1).numpy()
+        for i in range(L):
+            nll -= lp[i, y[i]]
+            piece = sp.id_to_piece(int(y[i]))
+            if sp.is_control(int(y[i])) or sp.is_unknown(int(y[i])):
+                b = 0
+            elif sp.is_byte(int(y[i])):
+                b = 1
+            else:
+                b = len(piece[1:].encode()) if piece.startswith("\u2581") else len(piece.encode())
+                prev = int(toks[w + i])
+                if piece.startswith("\u2581") and not (sp.is_control(prev) or sp.is_unknown(prev)):
+                    b += 1
+            nbytes += b
+    bpb = nll / (np.log(2) * nbytes)
+    assert n - 1 == json.loads((wd / "summary.json").read_text())["val_tokens"]
+    assert nbytes == s["val_bytes"]
+    assert abs(bpb - s["val_bpb"]) / bpb < 1e-4
