@@ -82,8 +82,8 @@ def run_bench_kd(teacher: str, train_docs: Path, val_docs: Path, workdir: Path, 
             if not (out / "model.safetensors").exists():
                 run_stage(f"train-{mode}-s{seed}", train_cmd(
                     "--config", str(cfg), "--out", str(out), *data, "--seed", str(seed),
-                    "--train.max_seconds", str(minutes * 60), *extra), logs / f"{mode}_s{seed}.log")
-            seq_len = int(json.loads((out / "config.json").read_text())["data"]["seq_len"])
+                    "--train.max_wallclock_s", str(minutes * 60), *extra), logs / f"{mode}_s{seed}.log")
+            seq_len = int(json.loads((out / "config.json").read_text())["train"]["seq_len"])
             score = run_stage(f"score-{mode}-s{seed}", distill_cmd(
                 "score", str(out), "--tokenizer", str(tok), "--val", val_glob, "--seq-len", str(seq_len), "--json"),
                 logs / f"score_{mode}_s{seed}.log", json_last=True, echo=False)

@@ -32,6 +32,7 @@ class _PassThroughParser(argparse.ArgumentParser):
 
 def measure_overhead(config: str, teacher_cache: str, steps: int = 40, warmup: int = 5,
                      overrides: list[str] | None = None, progress: bool = True) -> dict:
+    import torch
     from accelerate import Accelerator
     from tqdm import tqdm
 
@@ -49,7 +50,7 @@ def measure_overhead(config: str, teacher_cache: str, steps: int = 40, warmup: i
     cfg_ce, cfg_kd = copy.deepcopy(base), copy.deepcopy(base)
     cfg_ce.kd.teacher_cache = ""
     cfg_kd.kd.teacher_cache = teacher_cache
-    acc = Accelerator(cpu=t.device == "cpu")
+    acc = Accelerator(cpu=t.device == "cpu" or not torch.cuda.is_available())
     with tempfile.TemporaryDirectory(prefix="bench_overhead_") as tmp:
         trainers = {"ce": Trainer(cfg_ce, acc, out_dir=f"{tmp}/ce", log=False),
                     "kd": Trainer(cfg_kd, acc, out_dir=f"{tmp}/kd", log=False)}

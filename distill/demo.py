@@ -78,7 +78,7 @@ def run_demo(workdir: Path, source: str = "embedded", minutes: float = 2.0, teac
     if not (teacher / "model.safetensors").exists():
         timings["teacher"] = run_stage("teacher", train_cmd(
             "--config", str(REPO_CONFIGS / "demo_teacher.toml"), "--out", str(teacher), *data_overrides,
-            "--train.max_seconds", str(max(5.0, teacher_minutes * 60)), *max_steps),
+            "--train.max_wallclock_s", str(max(5.0, teacher_minutes * 60)), *max_steps),
             logs / "teacher.log")["_seconds"]
     cache = workdir / "teacher_cache"
     if not (cache / "manifest.json").exists():
@@ -93,7 +93,7 @@ def run_demo(workdir: Path, source: str = "embedded", minutes: float = 2.0, teac
         if not (out / "model.safetensors").exists():
             timings[f"student_{name}"] = run_stage(f"student-{name}", train_cmd(
                 "--config", str(REPO_CONFIGS / "demo_student.toml"), "--out", str(out), *data_overrides,
-                "--train.max_seconds", str(seconds), *extra, *max_steps), logs / f"student_{name}.log")["_seconds"]
+                "--train.max_wallclock_s", str(seconds), *extra, *max_steps), logs / f"student_{name}.log")["_seconds"]
         art = out / "student.golf"
         pack = run_stage(f"pack-{name}", distill_cmd("pack", str(out), "--out", str(art), "--json"),
                          logs / f"pack_{name}.log", json_last=True)

@@ -8,14 +8,235 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
+from distill import quant
+from distill.artifact import Entry, available_codecs, encode_artifact
 from distill.errors import DistillError
+from distill.fsutil import write_bytes_atomic
 
 DEFAULT_BUDGET_BYTES = 16_000_000
+DEFAULT_MIN_QUANT_NUMEL = 4096  # smaller 2-D tensors (control/skip weights) stay fp16: scales would dominate
+EMBED_NAMES = ("tok_emb.weight", "lm_head.weight")
+AUTO_BITS = (8, 6, 5, 4)
+
+
+def read_checkpoint(ckpt_dir: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
+    """A float checkpoint directory (model.safetensors + config.json) -> (float32 state_dict, full config)."""
+    d = Path(ckpt_dir)
+    if not d.is_dir():
+        raise DistillError(f"{d}: checkpoint directory not found")
+    st, cj = d / "model.safetensors", d / "config.json"
+    for f in (st, cj):
+        if not f.is_file():
+            raise DistillError(f"{f}: missing (a checkpoint directory holds model.safetensors + config.json)")
+    try:
+        cfg = json.loads(cj.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DistillError(f"{cj}: not valid JSON ({e})") from None
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("model"), dict):
+        raise DistillError(f"{cj}: no \"model\" section with the model config")
+    try:
+        from safetensors.torch import load_file
+
+        state = load_file(str(st))
+    except Exception as e:
+        raise DistillError(f"{st}: cannot read safetensors ({type(e).__name__}: {e})") from None
+    return {k: v.float() for k, v in state.items()}, cfg
+
+
+def plan_bits(state: dict[str, torch.Tensor], bits: int, embed_bits: int, min_quant_numel: int) -> dict[str, int]:
+    """Bits per tensor: 2-D block matrices at `bits`, embeddings/head at `embed_bits`, the rest fp16 (16)."""
+    plan = {}
+    for name, t in state.items():
+        if t.dim() == 2 and t.numel() >= min_quant_numel:
+            plan[name] = embed_bits if name in EMBED_NAMES else bits
+        else:
+            plan[name] = 16
+    return plan
+
+
+def quantize_state_dict(
+    state: dict[str, torch.Tensor], plan: dict[str, int], method: str = "rtn",
+    hessians: dict[str, torch.Tensor] | None = None, cache: dict | None = None, progress: bool = False,
+    clips: dict[str, quant.Clip] | None = None,
+) -> list[Entry]:
+    """Quantize each tensor per `plan` -> entries. GPTQ where a Hessian exists (method "gptq"), else RTN.
+    The clip is searched per tensor (least error) unless `clips` fixes it. `cache` memoizes results across
+    budget retries."""
+    cache = {} if cache is None else cache
+    items = list(state.items())
+    if progress:
+        from tqdm import tqdm
+
+        items = tqdm(items, desc=f"quantize ({method})", unit="tensor", leave=False, file=sys.stderr)
+    entries = []
+    for name, t in items:
+        b = plan[name]
+        if b >= 16:
+            entries.append(Entry(name, list(t.shape), 16, values=t.detach().to(torch.float16)))
+            continue
+        fixed = (clips or {}).get(name)
+        H = (hessians or {}).get(name) if method == "gptq" else None
+        key = (name, b, H is not None, str(fixed))
+        if key not in cache:
+            if H is not None:
+                if fixed is None:
+                    q, s, clip, _ = quant.gptq_search(t, H, b)
+                else:
+                    (q, s), clip = quant.gptq(t, H, b, fixed), fixed
+            else:
+                clip = fixed if fixed is not None else quant.search_clip(t, b)[0]
+                q, s = quant.quantize_rtn(t, b, clip)
+            cache[key] = (q, s, str(clip), "gptq" if H is not None else "rtn")
+        q, s, clip, m = cache[key]
+        entries.append(Entry(name, list(t.shape), b, codes=q, scales=s, clip=clip, method=m))
+    return entries
+
+
+def fit_budget(state, plan, method, hessians, cache, encode, budget_bytes: int, first_bytes: int,
+               progress: bool) -> tuple[bytes, dict, list[Entry], float]:
+    """Rate-distortion allocation: coarsen the block matrices' steps until the artifact fits.
+
+    Each tensor offers (clip -> error, estimated bits) options (`quant.rd_table`, errors Hessian-weighted
+    under GPTQ); a global multiplier lam picks, per tensor, the option minimizing error + lam * bits, found by
+    bisection so the estimate fits; the estimate's offset is re-measured on the real encoding and retried.
+    Embeddings keep their own bits and clip. Returns (data, info, entries, lam)."""
+    names = [n for n, b in plan.items() if b < 16 and n not in EMBED_NAMES]
+    tables = {n: quant.rd_table(state[n], plan[n], (hessians or {}).get(n) if method == "gptq" else None)
+              for n in names}
+    # errors relative to each tensor's best: Hessian-weighted errors of different layers are not on one
+    # scale of loss, so every matrix is treated as equally sensitive to a relative error increase
+    tables = {n: [(c, e / max(min(o[1] for o in tab), 1e-30), r) for c, e, r in tab] for n, tab in tables.items()}
+
+    def choose(lam: float) -> dict:
+        return {n: min(tables[n], key=lambda o: o[1] + lam * o[2]) for n in names}
+
+    def est_bytes(choice: dict) -> float:
+        return sum(o[2] for o in choice.values()) / 8
+
+    other = first_bytes - est_bytes(choose(0.0))  # code, metadata, embeddings, fp16 tensors, coder overhead
+    data = b""
+    for _ in range(5):
+        target = budget_bytes - other
+        if est_bytes(choose(math.exp(60))) > target:
+            break
+        lo, hi = -60.0, 60.0  # bisection on ln(lam): the estimate is non-increasing in lam
+        for _ in range(80):
+            mid = (lo + hi) / 2
+            lo, hi = (lo, mid) if est_bytes(choose(math.exp(mid))) <= target else (mid, hi)
+        lam = math.exp(hi)
+        choice = choose(lam)
+        entries = quantize_state_dict(state, plan, method, hessians, cache, progress,
+                                      clips={n: o[0] for n, o in choice.items()})
+        data, info = encode(entries)
+        if len(data) <= budget_bytes:
+            return data, info, entries, lam
+        other = len(data) - est_bytes(choice) + 0.002 * budget_bytes  # re-measure, keep a small margin
+    raise DistillError(f"artifact would be {len(data) or first_bytes} bytes, over the budget of {budget_bytes} "
+                       "bytes even at the coarsest steps")
+
+
+def calibration_batches(tokens: np.ndarray, seq_len: int, max_tokens: int, batch_size: int = 8):
+    """Non-overlapping [B, seq_len] windows from the start of a TRAINING token stream."""
+    tokens = np.asarray(tokens)
+    n_win = min(len(tokens) // seq_len, max(1, max_tokens // seq_len))
+    for i in range(0, n_win, batch_size):
+        k = min(batch_size, n_win - i)
+        x = np.asarray(tokens[i * seq_len : (i + k) * seq_len], dtype=np.int64).reshape(k, seq_len)
+        yield torch.from_numpy(x)
+
+
+def pack_checkpoint(
+    ckpt_dir: str | os.PathLike, out_path: str | os.PathLike, bits: int | str = 8, method: str = "rtn",
+    budget_bytes: int = DEFAULT_BUDGET_BYTES, calib_tokens: np.ndarray | None = None, embed_bits: int = 8,
+    codec: str = "auto", layout: str = "auto", calib_seconds: float = 60.0, calib_max_tokens: int = 262_144,
+    calib_seq_len: int | None = None, min_quant_numel: int = DEFAULT_MIN_QUANT_NUMEL,
+    max_bytes_per_param: float | None = None, fit: bool = False, progress: bool = True, write: bool = True,
+    entries_out: list | None = None,
+) -> dict:
+    """Quantize a float checkpoint and write one artifact at `out_path` (atomically, only if it fits).
+
+    bits: 8/6/5/4 for the block matrices, or "auto" = the highest of 8/6/5/4 whose artifact fits.
+    The budget is min(budget_bytes, max_bytes_per_param * params). Over it: with `fit`, the block matrices'
+    steps are coarsened (rate-distortion allocation, `fit_budget`) until it fits; otherwise DistillError
+    "<out>: artifact would be N bytes, over the budget of B bytes" and nothing is written. Returns the
+    report; `entries_out`, when a list, receives the stored Entry objects (tests compare them with what
+    load_artifact returns).
+    """
+    t0 = time.monotonic()
+    if method not in ("rtn", "gptq"):
+        raise DistillError(f"--method: expected rtn or gptq, got {method!r}")
+    if bits != "auto" and int(bits) not in AUTO_BITS:
+        raise DistillError(f"--bits: expected one of 8, 6, 5, 4 or auto, got {bits!r}")
+    if codec != "auto" and codec not in available_codecs():
+        raise DistillError(f"--codec: {codec!r} is not available (have {available_codecs()})")
+    codecs = available_codecs() if codec == "auto" else [codec]
+    layouts = list(quant.LAYOUTS) if layout == "auto" else [layout]
+    state, cfg = read_checkpoint(ckpt_dir)
+    model_cfg = cfg["model"]
+    params = sum(t.numel() for t in state.values())
+    budget = budget_bytes if max_bytes_per_param is None else min(budget_bytes, int(max_bytes_per_param * params))
+
+    hessians, calib_seen = None, 0
+    if method == "gptq":
+        if calib_tokens is None or len(calib_tokens) == 0:
+            raise DistillError("--calib: GPTQ needs calibration tokens from the TRAINING shards")
+        from student.model import build_model
+
+        model = build_model(model_cfg)
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as e:
+            raise DistillError(f"{ckpt_dir}: weights do not match config.json's model ({str(e)[:200]})") from None
+        model.eval()
+        L = int(calib_seq_len or cfg.get("train", {}).get("seq_len", 1024))
+        L = max(1, min(L, len(calib_tokens)))
+        hessians, calib_seen = quant.collect_hessians(
+            model, calibration_batches(calib_tokens, L, calib_max_tokens), deadline_s=t0 + calib_seconds)
+
+    def encode(entries):
+        return encode_artifact(entries, model_cfg, codecs, layouts)
+
+    cache: dict = {}
+    tried, lam = [], 0.0
+    for b in AUTO_BITS if bits == "auto" else (int(bits),):
+        plan = plan_bits(state, b, embed_bits, min_quant_numel)
+        entries = quantize_state_dict(state, plan, method, hessians, cache, progress)
+        data, info = encode(entries)
+        tried.append({"bits": b, "artifact_bytes": len(data)})
+        if len(data) <= budget:
+            break
+    else:
+        if not fit:
+            raise DistillError(f"{out_path}: artifact would be {len(data)} bytes, over the budget of {budget} bytes")
+        try:
+            data, info, entries, lam = fit_budget(state, plan, method, hessians, cache, encode, budget,
+                                                  len(data), progress)
+        except DistillError as e:
+            raise DistillError(f"{out_path}: {e}") from None
+    if write:
+        write_bytes_atomic(out_path, data)
+    if entries_out is not None:
+        entries_out.extend(entries)
+    w_ratio = info["weights_bytes"] / max(info["weights_raw_bytes"], 1)
+    tensors = [{"name": e.name, "shape": e.shape, "bits": e.bits if e.bits < 16 else "fp16",
+                "clip": e.clip or None, "method": e.method, "bytes": e.raw_bytes(info["layout"]),
+                "est_compressed_bytes": round(e.raw_bytes(info["layout"]) * w_ratio)} for e in entries]
+    return {
+        "out": str(out_path), **info, "model_bytes": len(data) - info["code_bytes"], "params": params,
+        "bytes_per_param": len(data) / max(params, 1), "bits": bits if bits == "auto" else int(bits),
+        "chosen_bits": b, "embed_bits": embed_bits, "method": method, "budget_bytes": budget,
+        "fit": bool(fit), "rd_lambda": lam, "tried": tried, "calib_tokens": calib_seen,
+        "seconds": round(time.monotonic() - t0, 2), "tensors": tensors,
+    }
 
 
 def load_calibration_tokens(pattern: str, max_tokens: int) -> np.ndarray:
@@ -60,13 +281,16 @@ def add_pack_arguments(p: argparse.ArgumentParser) -> None:
                    help="entropy coder; auto = the smallest of those available (default)")
     p.add_argument("--layout", choices=["auto", "byte", "dense", "bitplanes"], default="auto",
                    help="int code layout before the coder; auto = the smallest (default)")
-    p.add_argument("--min-quant-numel", type=int, default=65_536,
-                   help="2-D tensors with fewer elements are stored as fp16 (default 65536)")
+    p.add_argument("--min-quant-numel", type=int, default=DEFAULT_MIN_QUANT_NUMEL,
+                   help=f"2-D tensors with fewer elements are stored as fp16 (default {DEFAULT_MIN_QUANT_NUMEL})")
+    p.add_argument("--max-bytes-per-param", type=float, default=None,
+                   help="also cap the artifact at this many bytes per parameter (e.g. 0.5)")
+    p.add_argument("--fit", action="store_true",
+                   help="when over the budget, coarsen the block matrices' steps (rate-distortion allocation) "
+                        "until it fits, instead of failing")
 
 
 def pack_from_args(args: argparse.Namespace, out: str, write: bool = True, **over) -> dict:
-    from distill.artifact import pack_checkpoint
-
     method = over.get("method", args.method)
     calib = None
     if method == "gptq":
@@ -80,7 +304,8 @@ def pack_from_args(args: argparse.Namespace, out: str, write: bool = True, **ove
         budget_bytes=getattr(args, "budget", DEFAULT_BUDGET_BYTES), calib_tokens=calib,
         embed_bits=args.embed_bits, codec=over.get("codec", args.codec), layout=args.layout,
         calib_seconds=args.calib_seconds, calib_max_tokens=args.calib_tokens, calib_seq_len=args.calib_seq_len,
-        min_quant_numel=args.min_quant_numel, progress=sys.stderr.isatty(), write=write,
+        min_quant_numel=args.min_quant_numel, max_bytes_per_param=args.max_bytes_per_param, fit=args.fit,
+        progress=sys.stderr.isatty(), write=write,
     )
 
 

@@ -19,12 +19,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
-
-import numpy as np
 
 from distill.errors import DistillError
 from distill.shards import load_tokens, resolve_shards
@@ -58,7 +55,7 @@ def load_model(path: str | Path, device: str = "cpu", trust_code: bool = False):
             model = load_artifact(p, trust_code=trust_code, device=device)
     except DistillError:
         raise
-    except Exception as e:  # a loader bug or an exotic corruption must still reach the user as one line
+    except Exception as e:  # noqa: BLE001 — a loader bug or an exotic corruption must still reach the user as one line
         msg = str(e).splitlines()[0][:200] if str(e) else ""
         raise DistillError(f"{p}: cannot load model ({type(e).__name__}: {msg})") from None
     return model.eval()
@@ -103,7 +100,7 @@ def score(model_path: str, tokenizer: str, val: str, seq_len: int, stride: int |
         "tokenizer": str(tokenizer),
         "tokenizer_sha256": tokenizer_hash(tokenizer),
         "val_shards": [str(p) for p in shards],
-        "val_stream_tokens": int(len(tokens)),
+        "val_stream_tokens": len(tokens),
         "seq_len": seq_len,
         "stride": stride,
         "partial": max_windows is not None,

@@ -76,7 +76,9 @@ class Trainer:
 
         t = cfg.train
         self.cfg = cfg
-        self.acc = accelerator or Accelerator(cpu=t.device == "cpu")
+        # cpu=True also when no CUDA exists: accelerate then runs gloo DDP under a torchrun-style launcher
+        # (`accelerate launch --multi_gpu --num_processes 2` or torchrun on a CPU-only machine)
+        self.acc = accelerator or Accelerator(cpu=t.device == "cpu" or not torch.cuda.is_available())
         self.device = self.acc.device
         if t.device == "cuda" and self.device.type != "cuda":
             raise DistillError("train.device: cuda requested but no CUDA device is available")

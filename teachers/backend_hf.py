@@ -18,7 +18,7 @@ import numpy as np
 from distill.errors import DistillError
 from teachers.backend import TeacherScores, TeacherSpec
 
-INHOUSE_DEFAULT_MAX_LEN = 2048  # RoPE has no hard limit; cap the window so memory stays bounded
+INHOUSE_DEFAULT_MAX_LEN = 2048  # RoPE has no hard limit; default window (--max-model-len overrides)
 
 
 def _pick_device(device: str | None) -> str:
@@ -98,8 +98,8 @@ class HFBackend:
             ctx = int(getattr(text_cfg, "max_position_embeddings", 0) or getattr(text_cfg, "n_positions", 0) or 0)
             self._inhouse = False
         self.model.to(self.device, dtype=self.dtype)
-        if max_model_len:
-            ctx = min(ctx, int(max_model_len)) if ctx else int(max_model_len)
+        if max_model_len:  # in-house (RoPE): any length; HF models: never past their trained context
+            ctx = int(max_model_len) if (self._inhouse or not ctx) else min(ctx, int(max_model_len))
         if ctx < 2:
             raise DistillError(f"{spec.model_id}: teacher context {ctx} is unusable (need >= 2 tokens)")
         if self.vocab_size < 2:

@@ -27,6 +27,8 @@ import numpy as np
 from distill.tokenizer import SPACE
 
 PROJECTION_VERSION = 2
+RENORM_EQUAL = True
+CHAIN_TAIL_ISOLATED = True
 MAX_CHAIN = 3  # teacher tokens a student piece may span beyond the first (pieces are short; 3 is ample)
 
 
@@ -124,9 +126,11 @@ def project_document(student_ids: np.ndarray, doc: DocTeacher, teacher_bytes: li
             cb = teacher_bytes[c]
             if not cb.startswith(u):
                 continue
-            z += p
             if len(cb) == len(u):
+                if not RENORM_EQUAL:
+                    z += p
                 continue  # the continuation after u is unknown: residual
+            z += p
             r = cb[len(u):]
             if c == actual:
                 _chain(r, j + 1, p, doc, teacher_bytes, sv, mass, n_t, 1)
@@ -167,7 +171,8 @@ def _chain(r: bytes, jn: int, m: float, doc: DocTeacher, teacher_bytes: list[byt
         else:
             q = sv.first_piece(s) if len(s) > len(r) else pid
             mass[q] = mass.get(q, 0.0) + m * p
-    mass[pid] = mass.get(pid, 0.0) + m * max(0.0, 1.0 - tracked)
+    if CHAIN_TAIL_ISOLATED:
+        mass[pid] = mass.get(pid, 0.0) + m * max(0.0, 1.0 - tracked)
 
 
 def identity_rows(topk_ids: np.ndarray, topk_lp: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -111,7 +111,7 @@ def _train(model, stream, steps: int, seq_len: int, batch: int, lr: float, seed:
 
 
 def build_tiny_llama(out_dir: str | os.PathLike, texts: Sequence[str], vocab_size: int = 2048, seed: int = 0,
-                     train_steps: int = 300, seq_len: int = 128, batch: int = 16, lr: float = 3e-3,
+                     train_steps: int = 200, seq_len: int = 64, batch: int = 8, lr: float = 3e-3,
                      max_train_seconds: float | None = None) -> Path:
     """Build, train and save the tiny teacher into `out_dir`; return `out_dir`.
 
@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("out_dir")
     ap.add_argument("--texts", required=True, help="a .jsonl with {'text': ...} per line, or a .txt file")
     ap.add_argument("--vocab-size", type=int, default=2048)
-    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     p = Path(args.texts)

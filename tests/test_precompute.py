@@ -26,7 +26,7 @@ from distill.shards import BOS_ID, read_shard, write_shard
 REPO = Path(__file__).resolve().parents[1]
 SPLIT = 6000  # shard 0 = val head [0, 6000), shard 1 = [6000, 12001): a document straddles the two
 END = 12001
-CHUNK_ROWS = 600  # 20 chunks: enough commit points to kill a run in the middle
+CHUNK_ROWS = 600  # 10 + 11 chunks: enough commit points to kill a run in the middle
 
 
 def build_tiny_teacher(out: Path, tokens: np.ndarray, steps: int = 40, seed: int = 0) -> Path:
@@ -137,7 +137,7 @@ def test_storage_and_layout(setup, clean, capsys):
     assert info["projected_teacher_bpb"] >= info["teacher_bpb"] - 1e-6  # top-16 truncation can only lose
     files = {p.suffix for p in out.rglob("*") if p.is_file()}
     assert files == {".json", ".dkc"}
-    assert len(list((setup["root"] / "tspace").rglob("*.dkt"))) == 20
+    assert len(list((setup["root"] / "tspace").rglob("*.dkt"))) == 21
     m = json.loads((out / "manifest.json").read_text())
     assert m["teacher"]["revision"] and m["backend"]["version"] and m["projection"]["kind"] == "identity"
     assert [s["name"] for s in m["shards"]] == ["fineweb_val_000000.bin", "fineweb_val_000001.bin"]
@@ -146,7 +146,7 @@ def test_storage_and_layout(setup, clean, capsys):
 def test_sigkill_and_resume_is_bit_identical(setup, clean):
     """Acceptance 4: SIGKILL at ~45% of the chunks, rerun the same command: identical arrays and chunk bytes."""
     out = setup["root"] / "killed"
-    n_chunks = 20
+    n_chunks = 21
     p = _subprocess(_cmd(setup, out))
     deadline = time.time() + 240
     while time.time() < deadline and p.poll() is None:

@@ -14,6 +14,7 @@ import json
 import math
 import subprocess
 import sys
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
@@ -64,7 +65,7 @@ class PieceDecoder:
 
     def decode(self, ids) -> bytes:
         """Bytes of a stream [BOS, a, b, ...] from its pieces (targets ids[1:], each after its input)."""
-        return b"".join(self.piece_bytes(int(t), self.is_start(int(p))) for p, t in zip(ids[:-1], ids[1:]))
+        return b"".join(self.piece_bytes(int(t), self.is_start(int(p))) for p, t in pairwise(ids))
 
     def target_bytes(self, prev: int, tgt: int) -> int:
         return len(self.piece_bytes(tgt, self.is_start(prev)))
@@ -104,8 +105,17 @@ def reference_score(model, tokens: np.ndarray, sp, L: int, stride: int | None = 
 # ---------------------------------------------------------------------------- fixtures
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models on a shared 2-core machine: one intra-op thread is several times faster."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def make_checkpoint(d: Path, vocab_size: int, seed: int = 0) -> Path:
-    cfg = ModelConfig(vocab_size=vocab_size, num_layers=2, model_dim=64, num_heads=4, num_kv_heads=2, mlp_mult=2)
+    cfg = ModelConfig(vocab_size=vocab_size, num_layers=1, model_dim=32, num_heads=2, num_kv_heads=1, mlp_mult=2)
     torch.manual_seed(seed)
     model = GPT(cfg)
     for p in model.parameters():  # random, non-trivial predictions (zero-init projections would be flat)
@@ -145,7 +155,7 @@ def test_val_head_bytes_and_bpb_match_reference(ckpt1024, sp1024_path, val_head_
     tokens = np.asarray(read_shard(val_head_shard))
     # the piece decoder is SentencePiece's decode: whole docs agree byte for byte
     starts = list(np.flatnonzero(tokens == 1)) + [len(tokens)]
-    for a, b in list(zip(starts[:-1], starts[1:]))[:-1]:  # the last doc is cut by the shard: skip it
+    for a, b in list(pairwise(starts))[:-1]:  # the last doc is cut by the shard: skip it
         assert dec.decode(tokens[a:b]) == sp.decode(tokens[a + 1 : b].tolist()).encode("utf-8")
     assert len(dec.decode(tokens)) == 315_257  # the official LUT count over tokens[1:]
     L = 1024  # 131,071 targets is prime: 127 windows score the first 130,048 of them
@@ -169,14 +179,14 @@ def shakespeare_shard(tmp_path_factory, sp1024_path, shared_data):
         pytest.skip("tinyshakespeare not available")
     out = tmp_path_factory.mktemp("shakes")
     assert main(["data", "build", "--docs", str(src), "--tokenizer", str(sp1024_path), "--out", str(out),
-                 "--no-curate", "--val-docs", "400", "--max-docs", "400", "--workers", "1"]) == 0
+                 "--no-curate", "--val-docs", "150", "--max-docs", "150", "--workers", "1"]) == 0
     return out / "fineweb_val_000000.bin"
 
 
 def test_other_text_default_and_sliding(ckpt1024, sp1024_path, shakespeare_shard, capsys):
     sp = load_tokenizer(sp1024_path)
     tokens = np.asarray(read_shard(shakespeare_shard))
-    assert 15_000 < len(tokens) < 60_000
+    assert 5_000 < len(tokens) < 30_000
     model = load_ckpt_model(ckpt1024)
     common = [str(ckpt1024), "--tokenizer", str(sp1024_path), "--val", str(shakespeare_shard), "--seq-len", "256"]
     default = run_score(capsys, *common)
@@ -243,7 +253,7 @@ def _lut_bytes(luts, stream: np.ndarray) -> int:
 def _buggy_bytes(sp, stream: np.ndarray, bug: str) -> int:
     """The byte count as the buggy community variants computed it."""
     total = 0
-    for p, t in zip(stream[:-1].tolist(), stream[1:].tolist()):
+    for p, t in pairwise(stream.tolist()):
         piece = sp.id_to_piece(t)
         boundary = sp.is_control(p) or sp.is_unknown(p) or sp.is_unused(p)
         if sp.is_control(t) or sp.is_unknown(t) or sp.is_unused(t):
@@ -345,5 +355,5 @@ def test_bad_inputs_one_line(ckpt1024, sp1024_path, val_head_shard, tmp_path, ca
     # the same through a real process: exit code 2, one stderr line, no traceback
     r = subprocess.run([sys.executable, "-m", "distill.cli", "score", str(tampered), "--tokenizer",
                         str(sp1024_path), "--val", str(good), "--seq-len", "64", "--json"],
-                       capture_output=True, text=True, cwd=REPO, timeout=120)
+                       check=False, capture_output=True, text=True, cwd=REPO, timeout=120)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and str(tampered) in r.stderr

@@ -19,16 +19,17 @@ import os
 import shutil
 import tempfile
 import time
+from collections import deque
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from itertools import islice
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import numpy as np
 
-from distill.errors import DistillError
 from distill.data.filters import FILTERS, CurationConfig, Deduper, DocInfo, MinHasher, analyze
 from distill.data.sources import iter_docs
+from distill.errors import DistillError
 from distill.fsutil import sha256_file, write_json_atomic
 from distill.shards import MAX_VOCAB, shard_name, write_shard
 from distill.tokenizer import load_tokenizer, tokenizer_hash
@@ -112,6 +113,18 @@ def _batches(it: Iterable[str], n: int) -> Iterator[list[str]]:
         yield batch
 
 
+def _ordered_results(pool, batches: Iterator[list[str]], max_inflight: int) -> Iterator[list]:
+    """Results in input order with at most `max_inflight` batches queued. (Pool.imap would read the whole
+    source ahead into memory; and a bad input line raises here, in the main thread, at its position.)"""
+    pending: deque = deque()
+    for batch in batches:
+        pending.append(pool.apply_async(_process_batch, (batch,)))
+        if len(pending) >= max_inflight:
+            yield pending.popleft().get()
+    while pending:
+        yield pending.popleft().get()
+
+
 # ------------------------------------------------------------------------------------- the build
 
 
@@ -192,7 +205,7 @@ def _run(cfg: BuildConfig, docs_iter: Iterator[str], staging: Path, progress: bo
         if cfg.workers > 1:
             pool = mp.get_context("fork" if os.name == "posix" else "spawn").Pool(
                 cfg.workers, initializer=_init_worker, initargs=init_args)
-            results = pool.imap(_process_batch, _batches(docs_iter, cfg.batch_docs), chunksize=1)
+            results = _ordered_results(pool, _batches(docs_iter, cfg.batch_docs), 4 * cfg.workers)
         else:  # in-process; let SentencePiece use its own threads for the encode
             _init_worker(*init_args[:3], -1)
             results = map(_process_batch, _batches(docs_iter, cfg.batch_docs))

@@ -72,7 +72,7 @@ def _fetch(repo_id: str, remote_path: str, revision: str | None, dest: Path) -> 
             # resumable download into the HF cache, then a copy (the cache entry may be a symlink)
             cached = hf_hub_download(repo_id=repo_id, filename=remote_path, repo_type="dataset",
                                      revision=revision)
-        except Exception as e:  # network, 404, gated repo: one line
+        except Exception as e:  # noqa: BLE001 — network, 404, gated repo: one line
             raise DistillError(f"{repo_id}/{remote_path}: download failed ({str(e).splitlines()[0][:200]})") from None
         shutil.copyfile(Path(cached).resolve(), tmp)
 
@@ -93,6 +93,27 @@ def _manifest_file_index(manifest: dict) -> dict[str, dict]:
                 walk(v)
 
     walk(manifest)
+    return index
+
+
+def _hub_file_index(repo_id: str, remote_paths: list[str], revision: str | None) -> dict[str, dict]:
+    """Sizes + LFS sha256 the hub itself reports for these files ({} for a local mirror or when offline:
+    hf_hub_download then raises its own one-line error)."""
+    if Path(repo_id).is_dir():
+        return {}
+    try:
+        from huggingface_hub import HfApi
+
+        infos = HfApi().get_paths_info(repo_id, remote_paths, revision=revision, repo_type="dataset")
+    except Exception:  # noqa: BLE001 — metadata is a bonus check; the download reports real failures
+        return {}
+    index = {}
+    for info in infos:
+        lfs = getattr(info, "lfs", None)
+        rec = {"bytes": getattr(info, "size", None)}
+        if lfs is not None and getattr(lfs, "sha256", None):
+            rec["sha256"] = lfs.sha256
+        index[Path(info.path).name] = rec
     return index
 
 
@@ -146,6 +167,16 @@ def download(variant: str, train_shards: int, out: str | os.PathLike, repo_id: s
         raise DistillError(f"--train-shards: must be >= 0, got {train_shards}")
     repo = repo_id or VARIANTS[variant].repo_id
     out = Path(out)
+    created_out = not out.exists()
+    try:
+        return _download(variant, train_shards, out, repo, revision, progress)
+    except BaseException:
+        if created_out and out.is_dir() and not any(p.is_file() for p in out.rglob("*")):
+            shutil.rmtree(out, ignore_errors=True)  # a failed first attempt leaves no empty folders
+        raise  # completed files of a partial download stay: the next run resumes from them
+
+
+def _download(variant: str, train_shards: int, out: Path, repo: str, revision: str | None, progress: bool) -> dict:
     manifest_path = out / "manifest.json"
     _fetch(repo, f"{REMOTE_ROOT}/manifest.json", revision, manifest_path)
     try:
@@ -154,6 +185,7 @@ def download(variant: str, train_shards: int, out: str | os.PathLike, repo_id: s
         raise DistillError(f"{manifest_path}: not a JSON manifest ({e})") from None
     shard_paths, tok_paths, vocab = plan_files(variant, manifest, train_shards)
     records = _manifest_file_index(manifest)
+    records.update(_hub_file_index(repo, tok_paths + shard_paths, revision))  # the hub's own sizes/sha win
 
     from tqdm import tqdm
 

@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import glob as _glob
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 from distill.errors import DistillError
 
@@ -81,7 +81,7 @@ def iter_parquet(path: str, batch_rows: int = 4096) -> Iterator[str]:
 
     try:
         pf = pq.ParquetFile(path)
-    except Exception as e:  # pyarrow raises ArrowInvalid/OSError with multi-line messages
+    except Exception as e:  # noqa: BLE001 — pyarrow raises ArrowInvalid/OSError with multi-line messages
         raise DistillError(f"{path}: not a Parquet file ({str(e).splitlines()[0][:120]})") from None
     if TEXT_FIELD not in pf.schema_arrow.names:
         raise DistillError(f"{path}: Parquet file has no column {TEXT_FIELD!r} (columns: {pf.schema_arrow.names})")
@@ -120,7 +120,7 @@ def iter_hf(src: str) -> Iterator[str]:
         raise DistillError(f"--docs {src}: the `datasets` package is required for hf: sources") from None
     try:
         ds = datasets.load_dataset(spec.repo, spec.config, split=spec.split, streaming=True)
-    except Exception as e:  # network / unknown repo: one line
+    except Exception as e:  # noqa: BLE001 — network / unknown repo: one line
         raise DistillError(f"--docs {src}: cannot open dataset ({str(e).splitlines()[0][:160]})") from None
     for row in ds:
         text = row.get(TEXT_FIELD)
