@@ -11,6 +11,13 @@ neighbours. Reported: median step_ms of each after `--warmup` steps, and their r
 
 from __future__ import annotations
 
+import os
+
+# Idle OpenMP workers must sleep, not spin: on a shared CPU their spinning starved the main thread (a
+# 4k-element op took 10 ms instead of 0.1 ms, and KD's small ops paid it many times per step). OpenMP reads
+# this when torch loads, so it is set before any torch import; an explicit user setting wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import argparse
 import copy
 import json

@@ -29,8 +29,8 @@ CORPUS = Path(__file__).resolve().parent / "assets" / "demo_corpus.jsonl.xz"
 def _write_docs(workdir: Path, source: str, max_docs: int) -> Path:
     docs_path = workdir / "docs.jsonl"
     if source == "embedded":
-        text = lzma.decompress(CORPUS.read_bytes()).decode("utf-8")
-        write_text_atomic(docs_path, text)
+        lines = lzma.decompress(CORPUS.read_bytes()).decode("utf-8").splitlines()
+        write_text_atomic(docs_path, "\n".join(lines[:max_docs]) + "\n")
         return docs_path
     if source == "fineweb":
         from datasets import load_dataset  # streamed; needs the hub
@@ -57,6 +57,8 @@ def run_demo(workdir: Path, source: str = "embedded", minutes: float = 2.0, teac
     t_start = time.time()
     timings: dict[str, float] = {}
 
+    if quick:  # smoke test: a slice of the corpus (every stage still runs on real text)
+        max_docs, val_docs = min(max_docs, 90), min(val_docs, 15)
     docs = _write_docs(workdir, source, max_docs)
     tok = workdir / "tokenizer.model"
     shards = workdir / "shards"

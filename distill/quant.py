@@ -29,7 +29,7 @@ ABSMAX_RATIOS = (1.0, 0.97, 0.94, 0.9, 0.85, 0.8, 0.75, 0.7, 0.6, 0.5)
 STD_MULTIPLES = (2.5, 3.0, 3.5, 4.0, 5.0, 6.0, 8.0, 10.0, 12.0, 16.0)
 # Rate control only: a grid wider than the row absmax (coarser steps, fewer codes in use, fewer bits after
 # the entropy coder). Never chosen for accuracy; `rd_table` offers them when a size budget binds.
-COARSE_RATIOS = (1.15, 1.3, 1.5, 1.75, 2.0, 2.5, 3.0, 4.0)
+COARSE_RATIOS = (1.15, 1.3, 1.5, 1.75, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0, 12.0, 16.0)
 
 
 def qmax(bits: int) -> int:
@@ -51,7 +51,7 @@ class Clip:
         return {"kind": self.kind, "value": self.value}
 
     @classmethod
-    def parse(cls, clip: "Clip | float | dict | None") -> "Clip":
+    def parse(cls, clip: Clip | float | dict | None) -> Clip:
         if clip is None:
             return cls()
         if isinstance(clip, Clip):
@@ -82,7 +82,7 @@ def _fp16_scale_ceil(scale: torch.Tensor) -> torch.Tensor:
     return s16
 
 
-def row_scales(w: torch.Tensor, bits: int, clip: "Clip | float | None" = None) -> torch.Tensor:
+def row_scales(w: torch.Tensor, bits: int, clip: Clip | float | None = None) -> torch.Tensor:
     """fp16 per-row scales [R] for a 2-D w: clip_row / qmax (1.0 for all-zero rows)."""
     lim = Clip.parse(clip).row_limits(w.float())
     lim = torch.where(lim > 0, lim, torch.ones_like(lim) * qmax(bits))
@@ -95,7 +95,7 @@ def quantize_with_scales(w: torch.Tensor, scale16: torch.Tensor, bits: int) -> t
     return torch.clamp(torch.round(w.float() / scale16.float()[:, None]), -m, m).to(torch.int8)
 
 
-def quantize_rtn(w: torch.Tensor, bits: int, clip: "Clip | float | None" = None) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_rtn(w: torch.Tensor, bits: int, clip: Clip | float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Round-to-nearest per-row quantization of a 2-D w -> (int8 codes [R, C], fp16 scales [R])."""
     if w.dim() != 2:
         raise ValueError(f"quantize_rtn expects a 2-D tensor, got shape {tuple(w.shape)}")
@@ -167,7 +167,7 @@ def gptq(
     w: torch.Tensor,
     H: torch.Tensor,
     bits: int,
-    clip: "Clip | float | None" = None,
+    clip: Clip | float | None = None,
     block_size: int = 128,
     damp: float = 0.01,
     act_order: bool = True,
@@ -235,7 +235,7 @@ def gptq_search(
 # ----------------------------------------------------------------------------------------------- QAT
 
 
-def fake_quantize(w: torch.Tensor, bits: int, clip: "Clip | float | None" = None) -> torch.Tensor:
+def fake_quantize(w: torch.Tensor, bits: int, clip: Clip | float | None = None) -> torch.Tensor:
     """RTN quantize-dequantize on the artifact's grid (rows = dim 0) with a straight-through gradient:
     forward returns the dequantized weights, backward passes the gradient to w unchanged.
 

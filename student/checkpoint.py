@@ -133,5 +133,5 @@ def load_resume(out_dir: str | os.PathLike, name: str, required: bool = True) ->
                            f"a run directory)")
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # torch raises many types for a corrupt pickle/zip
+    except Exception as e:  # noqa: BLE001 — torch raises many types for a corrupt pickle/zip
         raise DistillError(f"{path}: unreadable resume state ({str(e).splitlines()[0][:120]})") from None

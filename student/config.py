@@ -12,7 +12,7 @@ import json
 import tomllib
 import types
 import typing
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from distill.errors import DistillError
@@ -119,7 +119,7 @@ class RunConfig:
         return {name: asdict(getattr(self, name)) for name in SECTIONS}
 
     @classmethod
-    def from_dict(cls, d: dict, source: str = "config") -> "RunConfig":
+    def from_dict(cls, d: dict, source: str = "config") -> RunConfig:
         cfg = cls()
         for section, values in d.items():
             if section not in SECTIONS:

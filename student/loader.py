@@ -7,8 +7,9 @@ y = span[1:]. Cache row (shard s, position j) is the teacher's distribution for 
 exactly the target of input position j — the same (shard, position) ranges index tokens and cache rows.
 A target that lies in the next shard gets that shard's last cache row, which has no target (CE only).
 
-Tokens are memory-mapped; cache spans are decompressed in a background thread `prefetch` batches ahead
-and (on CUDA) placed in pinned memory so the host->device copy overlaps compute. The loader's position is
+Tokens are memory-mapped; cache spans are decompressed (each on-disk chunk once) and turned into
+distill.losses.KDTargets in a background thread `prefetch` batches ahead, and (on CUDA) placed in pinned
+memory so the host->device copy overlaps compute. The loader's position is
 a small dict (`state`) saved with a checkpoint; a loader built from it yields the same next batches.
 """
 
@@ -23,6 +24,7 @@ import numpy as np
 import torch
 
 from distill.errors import DistillError
+from distill.losses import KDTargets, prepare_targets
 from distill.shards import read_shard, resolve_shards
 
 
@@ -30,14 +32,16 @@ from distill.shards import read_shard, resolve_shards
 class Batch:
     x: torch.Tensor  # (B, T) int64 inputs
     y: torch.Tensor  # (B, T) int64 targets
-    ids: torch.Tensor | None = None  # (B*T, k) int64 teacher-target student ids
-    probs: torch.Tensor | None = None  # (B*T, k) float32
-    residual: torch.Tensor | None = None  # (B*T,) float32
+    kd: KDTargets | None = None  # teacher rows for the B*T targets, prepared for distill.losses
 
-    def to(self, device: torch.device) -> "Batch":
+    def to(self, device: torch.device) -> Batch:
         nb = device.type == "cuda"
-        mv = lambda t: None if t is None else t.to(device, non_blocking=nb)  # noqa: E731
-        return Batch(mv(self.x), mv(self.y), mv(self.ids), mv(self.probs), mv(self.residual))
+        kd = None if self.kd is None else self.kd.to(device, non_blocking=nb)
+        return Batch(self.x.to(device, non_blocking=nb), self.y.to(device, non_blocking=nb), kd)
+
+    def pin_memory(self) -> Batch:
+        kd = None if self.kd is None else self.kd.map(lambda t: t.pin_memory())
+        return Batch(self.x.pin_memory(), self.y.pin_memory(), kd)
 
 
 class ChunkedSpans:
@@ -84,7 +88,8 @@ class DistributedLoader:
 
     def __init__(self, pattern: str, seq_len: int, local_tokens: int, rank: int = 0, world_size: int = 1,
                  cache_dir: str | None = None, tokenizer_path: str | None = None, vocab_size: int | None = None,
-                 prefetch: int = 4, pin_memory: bool = False, state: dict | None = None):
+                 prefetch: int = 4, pin_memory: bool = False, state: dict | None = None,
+                 temperature: float = 1.0):
         if local_tokens % seq_len:
             raise DistillError(f"train.batch_tokens: per-rank micro-batch of {local_tokens} tokens is not a "
                                f"multiple of seq_len {seq_len}")
@@ -99,6 +104,7 @@ class DistributedLoader:
         self.seq_len, self.rank, self.world = seq_len, rank, world_size
         self.vocab_size = vocab_size
         self.pin = pin_memory
+        self.temperature = temperature
         self.cache, self.cache_index = (None, None)
         if cache_dir:
             self.cache, self.cache_index = open_cache(cache_dir, self.paths, tokenizer_path)
@@ -149,19 +155,20 @@ class DistributedLoader:
                 if b > a:
                     rows.append(self.cache.read_span(self.cache_index[s], a, b))
                     left -= b - a
-            batch.ids = torch.from_numpy(np.concatenate([r[0] for r in rows]).astype(np.int64))
-            batch.probs = torch.from_numpy(np.ascontiguousarray(np.concatenate([r[1] for r in rows]), np.float32))
-            batch.residual = torch.from_numpy(np.ascontiguousarray(np.concatenate([r[2] for r in rows]), np.float32))
+            ids = torch.from_numpy(np.concatenate([r[0] for r in rows]).astype(np.int64))
+            probs = torch.from_numpy(np.ascontiguousarray(np.concatenate([r[1] for r in rows]), np.float32))
+            residual = torch.from_numpy(np.ascontiguousarray(np.concatenate([r[2] for r in rows]), np.float32))
+            # the teacher-only part of the loss is computed here, off the training step's critical path
+            batch.kd = prepare_targets(y.reshape(-1), ids, probs, residual, self.temperature)
         if self.pin:
-            batch = Batch(*(t.pin_memory() if t is not None else None for t in
-                            (batch.x, batch.y, batch.ids, batch.probs, batch.residual)))
+            batch = batch.pin_memory()
         return batch
 
     def _produce(self, st: dict) -> None:
         while not self._stop.is_set():
             try:
                 item = (self._make(st), dict(st))
-            except BaseException as e:  # hand the error to the consumer instead of dying silently
+            except BaseException as e:  # noqa: BLE001 — hand the error to the consumer instead of dying silently
                 item = (e, None)
             while not self._stop.is_set():
                 try:

@@ -38,7 +38,7 @@ def zeropower_via_newtonschulz5(g: torch.Tensor, steps: int = 5, eps: float = 1e
 class Muon(torch.optim.Optimizer):
     def __init__(self, params, lr: float, momentum: float = 0.95, backend_steps: int = 5,
                  nesterov: bool = True):
-        super().__init__(params, dict(lr=lr, momentum=momentum, backend_steps=backend_steps, nesterov=nesterov))
+        super().__init__(params, {"lr": lr, "momentum": momentum, "backend_steps": backend_steps, "nesterov": nesterov})
         self.orthogonalize = zeropower_via_newtonschulz5  # train.py may swap in a torch.compile'd one
 
     @torch.no_grad()

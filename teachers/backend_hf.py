@@ -13,12 +13,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
-
 from distill.errors import DistillError
 from teachers.backend import TeacherScores, TeacherSpec
 
-INHOUSE_DEFAULT_MAX_LEN = 2048  # RoPE has no hard limit; default window (--max-model-len overrides)
+INHOUSE_DEFAULT_MAX_LEN = 32768  # RoPE has no hard limit: whole documents by default (--max-model-len caps)
 
 
 def _pick_device(device: str | None) -> str:
@@ -34,17 +32,13 @@ def load_inhouse_model(path: str):
     import torch
 
     try:
-        from student.checkpoint import load_checkpoint  # the colleague's loader, when it exists
+        from student.checkpoint import load_checkpoint  # the training stage's loader, when present
     except ModuleNotFoundError:
         load_checkpoint = None
     if load_checkpoint is not None:
-        try:
-            return load_checkpoint(path).float().eval()
-        except DistillError:
-            raise
-        except Exception:  # fall through to the minimal loader below
-            pass
+        return load_checkpoint(path).float().eval()
     from safetensors.torch import load_file
+
     from student.model import GPT, ModelConfig
 
     cfg = json.loads((Path(path) / "config.json").read_text())
@@ -52,7 +46,7 @@ def load_inhouse_model(path: str):
         raise DistillError(f"{path}/config.json: no 'model' section (not a student checkpoint)")
     model = GPT(ModelConfig.from_dict(cfg["model"]))
     state = load_file(str(Path(path) / "model.safetensors"))
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing, _unexpected = model.load_state_dict(state, strict=False)
     if missing:
         raise DistillError(f"{path}/model.safetensors: missing weights {missing[:3]}")
     with torch.no_grad():
@@ -100,8 +94,8 @@ class HFBackend:
         self.model.to(self.device, dtype=self.dtype)
         if max_model_len:  # in-house (RoPE): any length; HF models: never past their trained context
             ctx = int(max_model_len) if (self._inhouse or not ctx) else min(ctx, int(max_model_len))
-        if ctx < 2:
-            raise DistillError(f"{spec.model_id}: teacher context {ctx} is unusable (need >= 2 tokens)")
+        if ctx < 4:  # overlapping windows need room for context and new rows
+            raise DistillError(f"{spec.model_id}: teacher context {ctx} is unusable (need >= 4 tokens)")
         if self.vocab_size < 2:
             raise DistillError(f"{spec.model_id}: teacher vocab {self.vocab_size} is unusable")
         self.max_len = ctx

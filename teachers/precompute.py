@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,6 +56,8 @@ def windows(n: int, max_len: int) -> list[tuple[int, int, int, int]]:
     taken from the window whose [row_lo, row_hi) holds it, which gives it >= max_len//2 tokens of context."""
     if n <= max_len:
         return [(0, n, 0, n - 1)]
+    if max_len < 3:
+        raise ValueError(f"window length {max_len} leaves no room for context")
     ctx = max_len // 2
     stride = max_len - 1 - ctx
     out, s = [], 0
@@ -116,6 +119,9 @@ class Precompute:
             from teachers.registry import TeacherTokenizer
 
             self.ttok = TeacherTokenizer(spec)
+            # model vocab may be padded past the tokenizer's: such ids spell no bytes
+            extra = backend.vocab_size - len(self.ttok.token_bytes)
+            self.ttok.token_bytes = self.ttok.token_bytes + [b""] * max(extra, 0)
         self.recs = [dc.shard_record(p) for p in self.paths]
         self.meta = {
             "teacher": {"id": spec.model_id, "revision": spec.revision, "kind": spec.kind},
@@ -164,19 +170,20 @@ class Precompute:
         bar = tqdm(total=total, initial=done, unit="tok", unit_scale=True, file=sys.stderr, dynamic_ncols=True,
                    desc="precompute", disable=not self.cfg.progress)
         t0, new_rows, new_bytes = time.time(), 0, 0
-        for si, ci in todo:
-            ids, probs, flags, stats, tspace = self.process_chunk(si, ci)
-            try:
-                new_bytes += dc.write_chunk(out, si, ci, ids, probs, flags, bits=self.cfg.prob_bits,
-                                            level=self.cfg.zstd_level, stats=stats)
-                if tspace is not None:
-                    write_bytes_atomic(Path(self.cfg.keep_teacher_space) / f"s{si:05d}" / f"c{ci:06d}.dkt", tspace)
-            except OSError as e:
-                raise DistillError(f"{out}: write failed ({e.strerror or e}); "
-                                   "fix it and rerun the same command to resume") from None
-            new_rows += ids.shape[0]
-            bar.update(ids.shape[0])
-            bar.set_postfix_str(f"{new_bytes / max(new_rows, 1):.1f} B/tok")
+        # compression + the atomic write of chunk c run in a thread (zstd releases the GIL) while chunk
+        # c+1 is scored; at most one write in flight, so memory stays bounded and order is irrelevant
+        pending: Future | None = None
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            for si, ci in todo:
+                ids, probs, flags, stats, tspace = self.process_chunk(si, ci)
+                if pending is not None:
+                    new_bytes += self._finish(pending)
+                pending = pool.submit(self._write, si, ci, ids, probs, flags, stats, tspace)
+                new_rows += ids.shape[0]
+                bar.update(ids.shape[0])
+                bar.set_postfix_str(f"{new_bytes / max(new_rows - ids.shape[0], 1):.1f} B/tok")
+            if pending is not None:
+                new_bytes += self._finish(pending)
         bar.close()
         secs = time.time() - t0
         summary = {"tokens_scored": new_rows, "seconds": round(secs, 3),
@@ -195,6 +202,20 @@ class Precompute:
         print(f"precompute: {new_rows} tokens in {secs:.1f}s ({summary['tokens_per_s']} tok/s), {bpt:.2f} bytes/token"
               + ("" if summary["complete"] else " (other workers' chunks pending)"), file=sys.stderr)
         return summary
+
+    def _write(self, si: int, ci: int, ids, probs, flags, stats, tspace) -> int:
+        n = dc.write_chunk(self.cfg.out, si, ci, ids, probs, flags, bits=self.cfg.prob_bits,
+                           level=self.cfg.zstd_level, stats=stats)
+        if tspace is not None:
+            write_bytes_atomic(Path(self.cfg.keep_teacher_space) / f"s{si:05d}" / f"c{ci:06d}.dkt", tspace)
+        return n
+
+    def _finish(self, fut: Future) -> int:
+        try:
+            return fut.result()
+        except OSError as e:  # disk full, permissions...: the atomic write left nothing half-written
+            raise DistillError(f"{self.cfg.out}: write failed ({e.strerror or e}); "
+                               "fix it and rerun the same command to resume") from None
 
     # ------------------------------------------------------------------ one chunk
     def process_chunk(self, si: int, ci: int):
@@ -254,6 +275,9 @@ class Precompute:
                 tids = None
             if tids is None:  # the teacher tokenizer cannot spell this text exactly: no targets
                 tids, d["skip"] = [], True
+            elif tids and max(tids) >= self.backend.vocab_size:
+                raise DistillError(f"--teacher {self.cfg.teacher}: tokenizer id {max(tids)} is outside the model's "
+                                   f"vocab ({self.backend.vocab_size}); tokenizer and model do not match")
             ttokens = np.array([self.ttok.bos_id] + tids, dtype=np.int64)
             tstarts = np.concatenate([[0], np.cumsum([len(self.ttok.token_bytes[t]) for t in tids])]).astype(np.int64)
             sstarts = np.concatenate([[0], np.cumsum([len(self.sv.piece_bytes[int(t)]) for t in stoks[1:]])]).astype(np.int64)
@@ -303,7 +327,7 @@ class Precompute:
         p_hit = (deq[rows] * (qids[rows] == targets[rows, None])).sum(axis=1)
         q = np.where(p_hit > 0, p_hit, resid[rows] / max(self.sv.vocab_size - self.k_s, 1)).astype(np.float64)
         stats["projected_nll_nats"] += float(-np.log(np.maximum(q, 1e-12)).sum())
-        stats["rows_with_target"] += int(len(rows))
+        stats["rows_with_target"] += len(rows)
         stats["rows_aligned"] += int((flags[rows] == dc.FLAG_ALIGNED).sum())
 
     def _teacher_space(self, docs: list[dict]) -> bytes:
@@ -317,7 +341,7 @@ class Precompute:
             parts += [d["ttokens"].astype("<i4").tobytes(), d["topk_ids"].astype("<i4").tobytes(),
                       d["topk_lp"].astype("<f4").tobytes(), d["actual_lp"].astype("<f4").tobytes()]
         header = json.dumps({"format": "distill-teacher-space", "version": 1, "k": self.cfg.k,
-                             "teacher": self.meta["teacher"], "doc_tokens": [int(len(d["ttokens"])) for d in docs]}).encode()
+                             "teacher": self.meta["teacher"], "doc_tokens": [len(d["ttokens"]) for d in docs]}).encode()
         return b"DKTS" + len(header).to_bytes(4, "little") + header + zstandard.ZstdCompressor(level=3).compress(b"".join(parts))
 
 

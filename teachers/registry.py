@@ -73,8 +73,8 @@ def resolve_teacher(arg: str) -> TeacherSpec:
         if isinstance(hit, str):
             rev = Path(hit).parent.name
             return TeacherSpec(kind="hf", path=str(Path(hit).parent), model_id=arg, revision=rev)
-    except Exception:
-        pass
+    except (ImportError, ValueError):  # no huggingface_hub, or not a valid repo id
+        rev = ""
     raise DistillError(f"--teacher {arg}: not a local path and not in the local Hugging Face cache")
 
 

@@ -22,8 +22,8 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from distill.errors import DistillError
 from distill.fsutil import write_json_atomic
@@ -111,7 +111,7 @@ def _train(model, stream, steps: int, seq_len: int, batch: int, lr: float, seed:
 
 
 def build_tiny_llama(out_dir: str | os.PathLike, texts: Sequence[str], vocab_size: int = 2048, seed: int = 0,
-                     train_steps: int = 200, seq_len: int = 64, batch: int = 8, lr: float = 3e-3,
+                     train_steps: int = 400, seq_len: int = 64, batch: int = 8, lr: float = 5e-3,
                      max_train_seconds: float | None = None) -> Path:
     """Build, train and save the tiny teacher into `out_dir`; return `out_dir`.
 
@@ -144,7 +144,14 @@ def build_tiny_llama(out_dir: str | os.PathLike, texts: Sequence[str], vocab_siz
     )
     cfg.dtype = "float32"  # vLLM's dtype="auto" reads this; fp32 keeps backends comparable
     model = LlamaForCausalLM(cfg)
-    losses = _train(model, stream, train_steps, seq_len, batch, lr, seed, max_train_seconds)
+    # one thread: on a shared 2-core machine two threads made each step ~8x slower, and a fixed thread
+    # count keeps the float reductions (so the weights) identical from run to run
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        losses = _train(model, stream, train_steps, seq_len, batch, lr, seed, max_train_seconds)
+    finally:
+        torch.set_num_threads(threads)
 
     # save_pretrained writes several files: build them in a temporary sibling directory and rename it
     # into place, so a killed build never leaves a half-written teacher under `out_dir`
@@ -176,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("out_dir")
     ap.add_argument("--texts", required=True, help="a .jsonl with {'text': ...} per line, or a .txt file")
     ap.add_argument("--vocab-size", type=int, default=2048)
-    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--steps", type=int, default=400)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     p = Path(args.texts)

@@ -23,7 +23,7 @@ from distill.shards import write_shard
 from student.model import GPT, ModelConfig
 
 REPO = Path(__file__).resolve().parents[1]
-SMALL = dict(vocab_size=512, num_layers=2, model_dim=128, num_heads=4, num_kv_heads=2)
+SMALL = {"vocab_size": 512, "num_layers": 2, "model_dim": 128, "num_heads": 4, "num_kv_heads": 2}
 
 
 def make_checkpoint(d: Path, seed: int = 0, heavy_tails: bool = False, **cfg_kw) -> tuple[Path, GPT]:
@@ -61,7 +61,7 @@ def packed(ckpt, tmp_path_factory):
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "distill.cli", *args], capture_output=True, text=True,
-                          cwd=REPO, timeout=120)
+                          cwd=REPO, timeout=120, check=False)
 
 
 @pytest.mark.parametrize("bits", [8, 5, 4])
@@ -81,7 +81,7 @@ def test_roundtrip_bit_exact(ckpt, tmp_path, bits, layout):
 
 
 def test_roundtrip_6bit_close_to_float_and_trust_code_identical(ckpt, packed):
-    out, report, entries = packed
+    out, _report, _entries = packed
     float_model = ckpt[1]
     default = artifact.load_artifact(out)
     trusted = artifact.load_artifact(out, trust_code=True)
@@ -187,28 +187,50 @@ def test_gptq_calibration_refuses_validation_shards(ckpt, tmp_path):
     assert not (tmp_path / "g.art").exists()
 
 
-def test_gptq_6bit_pack_under_half_byte_per_param(tmp_path, sp1024_path, sample200_path):
-    """6-bit GPTQ (8-bit embedding) of a ~2.2M-param model with trained-like heavy-tailed weights, calibrated
-    on real FineWeb text as a TRAINING shard: artifact <= 0.5 bytes/param, logits close to the float model."""
-    from distill.tokenizer import encode_docs, load_tokenizer, pack_docs
-
-    ckpt_dir, model = make_checkpoint(tmp_path / "big", seed=1, heavy_tails=True, vocab_size=1024,
-                                      num_layers=4, model_dim=256, num_heads=4, num_kv_heads=2)
-    texts = [json.loads(line)["text"] for line in sample200_path.read_text().splitlines()[:40]]
-    tokens = pack_docs(encode_docs(load_tokenizer(sp1024_path), texts))
-    write_shard(tmp_path / "fineweb_train_000000.bin", tokens)
-    out = tmp_path / "g6.art"
-    p = run_cli("pack", str(ckpt_dir), "--out", str(out), "--bits", "6", "--method", "gptq", "--calib",
-                str(tmp_path / "fineweb_train_*.bin"), "--calib-tokens", "16384", "--codec", "zstd",
-                "--layout", "byte", "--json")
+def test_gptq_cli_pack(ckpt, tmp_path):
+    """GPTQ through the CLI on a TRAINING shard: report says gptq, the artifact loads, calibration counted."""
+    rng = np.random.default_rng(0)
+    write_shard(tmp_path / "fineweb_train_000000.bin", rng.integers(0, SMALL["vocab_size"], 5000))
+    out = tmp_path / "g.art"
+    p = run_cli("pack", str(ckpt[0]), "--out", str(out), "--bits", "5", "--method", "gptq", "--calib",
+                str(tmp_path / "fineweb_train_*.bin"), "--calib-tokens", "2048", "--calib-seq-len", "64",
+                "--codec", "zstd", "--layout", "byte", "--json")
     assert p.returncode == 0, p.stderr
     rep = json.loads(p.stdout.strip().splitlines()[-1])
-    assert rep["method"] == "gptq" and rep["calib_tokens"] >= 8192 and rep["params"] > 2_000_000
-    assert any(t["method"] == "gptq" for t in rep["tensors"])
-    assert rep["artifact_bytes"] <= 0.5 * rep["params"], rep["bytes_per_param"]
-    ids = torch.from_numpy(tokens[:129].astype(np.int64))[None]
+    assert rep["method"] == "gptq" and rep["calib_tokens"] == 2048 and rep["chosen_bits"] == 5
+    assert {t["method"] for t in rep["tensors"] if t["bits"] == 5} == {"gptq"}
+    assert artifact.load_artifact(out)(torch.zeros(1, 8, dtype=torch.long)).shape == (1, 8, SMALL["vocab_size"])
+
+
+def test_gptq_6bit_fit_under_half_byte_per_param(tmp_path, sp1024_path, sample200_path):
+    """The demo student's shape (vocab 1024, 4 x 128, ~0.58M params) with trained-like heavy-tailed weights,
+    calibrated on real FineWeb text: `--bits 6 --max-bytes-per-param 0.5 --fit` (GPTQ) gives <= 0.5
+    bytes/param, and its output error stays below that of uniform 4-bit GPTQ (~0.45 bytes/param)."""
+    from distill import pack
+    from distill.tokenizer import encode_docs, load_tokenizer, pack_docs
+
+    ckpt_dir, model = make_checkpoint(tmp_path / "demo", seed=1, heavy_tails=True, vocab_size=1024,
+                                      num_layers=4, model_dim=128, num_heads=2, num_kv_heads=1)
+    texts = [json.loads(line)["text"] for line in sample200_path.read_text().splitlines()[:20]]
+    tokens = pack_docs(encode_docs(load_tokenizer(sp1024_path), texts))
+    state, cfg = pack.read_checkpoint(ckpt_dir)
+    hess, seen = pack.calibrate(state, cfg["model"], tokens, 128, 8192)
+    assert seen == 8192 and set(hess) >= {"blocks.0.attn.c_q.weight", "blocks.3.mlp.proj.weight"}
+    ids = torch.from_numpy(tokens[-257:].astype(np.int64))[None]
     with torch.no_grad():
         f = torch.log_softmax(model(ids), -1)
-        q = torch.log_softmax(artifact.load_artifact(out)(ids), -1)
-    kl = (f.exp() * (f - q)).sum(-1).mean()
-    assert kl < 0.01, float(kl)
+
+    def pack_kl(out: Path, **kw) -> tuple[dict, float]:
+        rep = pack.pack_checkpoint(ckpt_dir, out, method="gptq", hessians=hess, codec="zstd", layout="byte",
+                                   progress=False, **kw)
+        with torch.no_grad():
+            q = torch.log_softmax(artifact.load_artifact(out)(ids), -1)
+        return rep, float((f.exp() * (f - q)).sum(-1).mean())
+
+    r6, kl6 = pack_kl(tmp_path / "g6.art", bits=6, max_bytes_per_param=0.5, fit=True)
+    r4, kl4 = pack_kl(tmp_path / "g4.art", bits=4)
+    assert r6["params"] > 500_000 and r6["code_bytes"] < 0.01 * r6["artifact_bytes"]
+    assert r6["artifact_bytes"] == (tmp_path / "g6.art").stat().st_size <= 0.5 * r6["params"]
+    assert r6["rd_lambda"] > 0 and r6["bits"] == 6
+    print(f"fit6 {r6['bytes_per_param']:.4f} B/param KL {kl6:.5f} | gptq4 {r4['bytes_per_param']:.4f} KL {kl4:.5f}")
+    assert kl6 < kl4, (kl6, kl4, r4["bytes_per_param"])

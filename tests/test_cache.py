@@ -51,7 +51,7 @@ def _row_sorted(ids, probs):
 
 
 def test_roundtrip_precision_and_residual_identity(small_cache):
-    out, shards, targets = small_cache
+    out, _shards, targets = small_cache
     for si, (ids, probs, _res) in enumerate(targets):
         rids, rprobs, rres = dc.load_targets(out, si)
         assert rids.shape == ids.shape and rprobs.dtype == np.float32 and rres.dtype == np.float32

@@ -98,15 +98,17 @@ def test_loader_cache_rows_align_with_inputs(kd_data):
         for _ in range(12):  # crosses a 4096-row chunk and the shard boundary
             b = ld.next_batch()
             x = b.x.reshape(-1).numpy()
-            has = b.probs.sum(1) > 0
+            ids, probs, residual = b.kd.index[:, 1:].numpy(), b.kd.q, b.kd.r
+            assert np.array_equal(b.kd.index[:, 0].numpy(), b.y.reshape(-1).numpy())
+            has = b.kd.has.bool()
             assert has.float().mean() > 0.99
             m = has.numpy()
             want_ids = kd_data["top"][x][m]
             order = np.argsort(want_ids, axis=1)  # the cache stores each row's ids sorted
-            assert np.array_equal(b.ids.numpy()[m], np.take_along_axis(want_ids, order, 1))
+            assert np.array_equal(ids[m], np.take_along_axis(want_ids, order, 1))
             want_p = np.take_along_axis(kd_data["topp"][x][m], order, 1)
-            assert np.allclose(b.probs.numpy()[m], want_p, atol=3e-3)  # 12-bit sqrt-coded probabilities
-            assert torch.allclose(b.probs.sum(1) + b.residual, torch.ones(len(x)), atol=1e-5)
+            assert np.allclose(probs.numpy()[m], want_p, atol=3e-3)  # 12-bit sqrt-coded probabilities
+            assert torch.allclose(probs.sum(1) + residual, torch.ones(len(x)), atol=1e-5)
         ld.close()
 
 
@@ -158,7 +160,7 @@ def test_accelerate_two_cpu_processes(kd_data, tmp_path):
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29533",
            "-m", "student.train", "--config", str(kd_data["config"]), "--teacher-cache", str(kd_data["cache"]),
            "--max-steps", "2", "--out", str(out), "--json"]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, check=False)
     assert r.returncode == 0, r.stderr[-2000:]
     summary = json.loads(r.stdout.strip().splitlines()[-1])
     assert summary["steps"] == 2 and summary["tokens"] == 1024

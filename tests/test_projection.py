@@ -59,7 +59,7 @@ def test_chaining_across_teacher_boundary(sv):
     doc = _doc([0, 1, 2], [{1: 0.6, 3: 0.3}, {2: 0.5, 4: 0.4}])
     there, the, a = _pid(sv, "\u2581there"), _pid(sv, "\u2581the"), _pid(sv, "\u2581a")
     sids = np.array([1, there])
-    ids, probs, flags = project_document(sids, doc, tb, sv, range(0, 1), 4)
+    ids, probs, flags = project_document(sids, doc, tb, sv, range(1), 4)
     got = {int(i): float(p) for i, p in zip(ids[0], probs[0]) if p > 0}
     # chained: 0.6*0.5 to "▁there"; 0.6*(0.4 + untracked 0.1) stays "▁the"; " a" in isolation
     assert got == pytest.approx({there: 0.30, the: 0.30, a: 0.30}, abs=1e-6)
@@ -72,19 +72,29 @@ def test_inside_teacher_token_conditions_on_prefix(sv):
     tb = [b"", b" understanding", b" under", b" understand", b" the"]
     doc = _doc([0, 1], [{1: 0.5, 2: 0.2, 3: 0.1, 4: 0.2}])
     sids = np.array([1] + [_pid(sv, p) for p in ("\u2581under", "st", "and", "ing")])
-    ids, probs, flags = project_document(sids, doc, tb, sv, range(0, 4), 4)
+    ids, probs, flags = project_document(sids, doc, tb, sv, range(4), 4)
     st = _pid(sv, "st")
     row1 = {int(i): float(p) for i, p in zip(ids[1], probs[1]) if p > 0}
-    # u = " under": " the" is inconsistent; " under" (== u) goes to the residual; normalised by 0.8
-    assert row1 == pytest.approx({st: 0.6 / 0.8}, abs=1e-6)
+    # u = " under": " the" is inconsistent; " under" (== u, continuation unknown) is left out of the
+    # normaliser (it is assumed to continue like the longer candidates): 0.6 / 0.6
+    assert row1 == pytest.approx({st: 1.0}, abs=1e-6)
     assert list(flags) == [1, 2, 2, 2]
     row3 = {int(i): float(p) for i, p in zip(ids[3], probs[3]) if p > 0}
-    # u = " understand": the candidate equal to u (0.1) is residual, " understanding" keeps 0.5 / 0.6
-    assert row3 == pytest.approx({_pid(sv, "ing"): 0.5 / 0.6}, abs=1e-6)
+    # u = " understand": only " understanding" is consistent and longer than u
+    assert row3 == pytest.approx({_pid(sv, "ing"): 1.0}, abs=1e-6)
+    # with the candidate equal to u sent to the residual instead (kd-method's plain rule)
+    import teachers.projection as proj
+
+    proj.RENORM_EQUAL = False
+    try:
+        ids, probs, _ = project_document(sids, doc, tb, sv, range(1, 2), 4)
+    finally:
+        proj.RENORM_EQUAL = True
+    assert probs[0].max() == pytest.approx(0.6 / 0.8, abs=1e-6) and ids[0][probs[0].argmax()] == st
 
 
 def test_windows_cover_every_row_once_with_context():
-    for n, L in ((5, 8), (8, 8), (9, 8), (100, 8), (1000, 64), (257, 128)):
+    for n, L in ((5, 8), (8, 8), (9, 8), (100, 8), (100, 3), (1000, 64), (257, 128)):
         seen = np.zeros(n - 1, int)
         for s, e, lo, hi in windows(n, L):
             assert e - s <= L and s <= lo <= hi <= e - 1

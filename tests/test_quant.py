@@ -67,7 +67,7 @@ def test_gptq_beats_rtn_on_hessian_weighted_error(bits):
     err_gptq = quant.weighted_error(w, quant.dequantize(q, s), H)
     assert err_gptq < 0.5 * err_rtn
     assert int(q.abs().max()) <= quant.qmax(bits)
-    q2, s2, _, err2 = quant.gptq_search(w, H, bits)
+    _q2, _s2, _, err2 = quant.gptq_search(w, H, bits)
     assert err2 <= err_gptq * 1.0001
     # act_order off still helps
     q3, s3 = quant.gptq(w, H, bits, clip, act_order=False, block_size=32)
@@ -78,7 +78,7 @@ def test_gptq_handles_dead_inputs():
     w, H = _correlated_layer(2)
     H[:, 5] = 0.0
     H[5, :] = 0.0
-    q, s = quant.gptq(w, H, 6)
+    q, _s = quant.gptq(w, H, 6)
     assert q.shape == w.shape and int(q[:, 5].abs().max()) == 0  # a never-active input gets weight 0
 
 
