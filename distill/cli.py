@@ -6,9 +6,13 @@ The CLI only parses and dispatches: each stage module registers its own subcomma
 
 from __future__ import annotations
 
+import os
+
+# OpenMP threads that spin after each op starve the main thread on small, shared CPUs; set before torch loads
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import argparse
 import importlib
-import os
 import sys
 
 from distill import __version__
