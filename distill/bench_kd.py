@@ -4,8 +4,9 @@ Workdir layout (every stage is reused when its output exists, so a rerun resumes
   tokenizer.model            student tokenizer (challenge spec; or --tokenizer)
   train/ val/                challenge-format shards of --train-docs / --val-docs (val docs never trained on)
   cache/  cache_val/         teacher targets on the train shards (KD) and on the val shards (teacher bpb)
-  runs/{ce,kd}_s{seed}/      student checkpoints + metrics.jsonl
-  kd_vs_ce.png, result.json
+  runs/ce_m{M}_s{seed}/      CE student checkpoints + metrics.jsonl (reused by every KD setting)
+  runs/kd_a{α}_k{k_s}_m{M}_s{seed}/   KD students, one directory per setting (a sweep shares the workdir)
+  kd_vs_ce.png, result.json  the latest invocation; result_{kd tag}.json keeps each setting's result
 """
 
 from __future__ import annotations
@@ -22,6 +23,14 @@ from distill.fsutil import write_json_atomic
 from distill.runner import distill_cmd, run_stage, train_cmd
 
 REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+# defaults chosen by the alpha / k_s sweep recorded in docs/RESULTS.md
+DEFAULT_MINUTES = 4.0
+DEFAULT_ALPHA = 0.5
+DEFAULT_TOP_K = 0  # 0 = every id the cache holds (--k)
+
+
+def _num(x: float) -> str:
+    return f"{x:g}".replace(".", "p")
 
 
 def _read_metrics(run: Path) -> list[dict]:
@@ -42,9 +51,10 @@ def _bpb_at_tokens(rows: list[dict], tokens: float) -> float | None:
 
 
 def run_bench_kd(teacher: str, train_docs: Path, val_docs: Path, workdir: Path, tokenizer: Path | None = None,
-                 minutes: float = 4.0, seeds: int = 3, k: int = 32, kd_alpha: float | None = None,
+                 minutes: float = DEFAULT_MINUTES, seeds: int = 3, k: int = 32,
+                 kd_alpha: float = DEFAULT_ALPHA, kd_top_k: int = DEFAULT_TOP_K,
                  config: Path | None = None, backend: str = "hf", vocab_size: int = 1024,
-                 max_model_len: int | None = None) -> dict:
+                 max_model_len: int | None = 2048) -> dict:
     workdir.mkdir(parents=True, exist_ok=True)
     logs = workdir / "logs"
     for p in (train_docs, val_docs):
@@ -74,11 +84,12 @@ def run_bench_kd(teacher: str, train_docs: Path, val_docs: Path, workdir: Path, 
     cfg = Path(config) if config else REPO_CONFIGS / "demo_student.toml"
     data = ["--data.train_shards", train_glob, "--data.val_shards", val_glob, "--data.tokenizer", str(tok)]
     results: dict[str, list[dict]] = {"ce": [], "kd": []}
+    kd_tag = f"kd_a{_num(kd_alpha)}_k{kd_top_k or k}_m{_num(minutes)}"
     for seed in range(seeds):
         for mode in ("ce", "kd"):
-            out = workdir / "runs" / f"{mode}_s{seed}"
-            extra = [] if mode == "ce" else ["--teacher-cache", str(workdir / "cache")] + (
-                ["--kd-alpha", str(kd_alpha)] if kd_alpha is not None else [])
+            out = workdir / "runs" / (f"ce_m{_num(minutes)}_s{seed}" if mode == "ce" else f"{kd_tag}_s{seed}")
+            extra = [] if mode == "ce" else ["--teacher-cache", str(workdir / "cache"), "--kd.alpha", str(kd_alpha),
+                                             "--kd.top_k", str(kd_top_k)]
             if not (out / "model.safetensors").exists():
                 run_stage(f"train-{mode}-s{seed}", train_cmd(
                     "--config", str(cfg), "--out", str(out), *data, "--seed", str(seed),
@@ -113,12 +124,14 @@ def run_bench_kd(teacher: str, train_docs: Path, val_docs: Path, workdir: Path, 
         "teacher_bpb": info.get("teacher_bpb", info.get("projected_teacher_bpb")),
         "projected_teacher_bpb": info.get("projected_teacher_bpb"),
         "aligned_fraction": info.get("aligned_fraction"),
-        "settings": {"teacher": teacher, "backend": backend, "k": k, "kd_alpha": kd_alpha, "minutes": minutes,
+        "settings": {"teacher": teacher, "backend": backend, "k": k, "kd_alpha": kd_alpha,
+                     "kd_top_k": kd_top_k or k, "max_model_len": max_model_len, "minutes": minutes,
                      "seeds": seeds, "config": str(cfg), "tokenizer": str(tok), "train_docs": str(train_docs),
                      "val_docs": str(val_docs)},
         "plot": str(plot_path),
     }
     write_json_atomic(workdir / "result.json", out)
+    write_json_atomic(workdir / f"result_{kd_tag}.json", out)
     return out
 
 
@@ -164,13 +177,19 @@ def add_subparser(sub) -> None:
     p.add_argument("--train-docs", required=True, type=Path, help="JSONL of training documents")
     p.add_argument("--val-docs", required=True, type=Path, help="JSONL of validation documents (never trained on)")
     p.add_argument("--tokenizer", type=Path, default=None, help="student SentencePiece (default: train sp1024)")
-    p.add_argument("--minutes", type=float, default=4.0, help="wall-clock per student run")
+    p.add_argument("--minutes", type=float, default=DEFAULT_MINUTES,
+                   help=f"wall-clock per student run (default {DEFAULT_MINUTES:g})")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--k", type=int, default=32, help="teacher top-k")
-    p.add_argument("--kd-alpha", type=float, default=None, help="KD weight (default: the config's)")
+    p.add_argument("--kd-alpha", type=float, default=DEFAULT_ALPHA,
+                   help=f"KD weight alpha (default {DEFAULT_ALPHA:g}, the sweep's best)")
+    p.add_argument("--kd-top-k", type=int, default=DEFAULT_TOP_K,
+                   help="k_s: KL over each row's top k_s cached ids (default: all --k)")
     p.add_argument("--config", type=Path, default=None, help="student config (default configs/demo_student.toml)")
     p.add_argument("--backend", default="hf", choices=["hf", "vllm"])
-    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--max-model-len", type=int, default=2048,
+                   help="teacher window in teacher tokens (default 2048: SmolLM2's training context; longer windows "
+                        "cost attention time on CPU)")
     p.add_argument("--workdir", required=True, type=Path)
     p.add_argument("--json", action="store_true", help="print the result as one JSON line last")
     p.set_defaults(func=_cmd)
@@ -178,7 +197,8 @@ def add_subparser(sub) -> None:
 
 def _cmd(args) -> int:
     r = run_bench_kd(args.teacher, args.train_docs, args.val_docs, args.workdir, tokenizer=args.tokenizer,
-                     minutes=args.minutes, seeds=args.seeds, k=args.k, kd_alpha=args.kd_alpha, config=args.config,
+                     minutes=args.minutes, seeds=args.seeds, k=args.k, kd_alpha=args.kd_alpha,
+                     kd_top_k=args.kd_top_k, config=args.config,
                      backend=args.backend, max_model_len=args.max_model_len)
     print_table(r)
     print(f"plot: {r['plot']}", file=sys.stderr)

@@ -63,11 +63,18 @@ class KDTargets:
 
 @torch.no_grad()
 def prepare_targets(targets: torch.Tensor, ids: torch.Tensor, probs: torch.Tensor, residual: torch.Tensor,
-                    temperature: float = 1.0) -> KDTargets:
+                    temperature: float = 1.0, top_k: int = 0) -> KDTargets:
     """Teacher rows -> KDTargets. Slots with probability 0 (padding in rows with fewer than k candidates)
-    are masked out on both sides, so a repeated padding id cannot double-count student mass."""
+    are masked out on both sides, so a repeated padding id cannot double-count student mass.
+    `top_k` > 0 keeps only each row's top_k most probable stored ids and moves the rest of their mass into
+    the residual bucket: one cache at k serves every k_s <= k (the k_s sweep)."""
     if temperature <= 0:
         raise ValueError(f"temperature must be positive, got {temperature}")
+    if top_k and top_k < ids.shape[1]:
+        q_all = probs.float()
+        q_keep, pos = torch.topk(q_all, int(top_k), dim=1)
+        residual = residual.float() + (q_all.sum(dim=1) - q_keep.sum(dim=1))
+        ids, probs = ids.gather(1, pos), q_keep
     q = probs.float()
     present = q > 0
     has = present.any(dim=1)

@@ -77,6 +77,7 @@ class KDConfig:
     teacher_cache: str = ""  # empty = plain CE training
     alpha: float = 0.5
     temperature: float = 1.0
+    top_k: int = 0  # KL over each row's top_k stored ids (0 = all the cache holds); the rest -> residual
     alpha_schedule: str = "constant"  # constant | warmup | anneal | warmup_anneal
     alpha_warmup_frac: float = 0.05  # α ramps 0 -> alpha over the first fraction of the budget
     alpha_anneal_frac: float = 0.2  # α -> alpha_final (CE) linearly over the last fraction
@@ -255,6 +256,8 @@ def validate(cfg: RunConfig) -> None:
     if k.alpha_schedule not in ("constant", "warmup", "anneal", "warmup_anneal"):
         raise DistillError(f"kd.alpha_schedule: must be constant, warmup, anneal or warmup_anneal, "
                            f"got {k.alpha_schedule!r}")
+    if k.top_k < 0:
+        raise DistillError(f"kd.top_k: must be >= 0, got {k.top_k}")
     if k.temperature <= 0:
         raise DistillError(f"kd.temperature: must be positive, got {k.temperature}")
     if t.qat_bits not in (2, 3, 4, 5, 6, 7, 8):

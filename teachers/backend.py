@@ -86,9 +86,11 @@ class BackendFactory(Protocol):
     """Constructor signature every engine class implements."""
 
     def __call__(self, spec: TeacherSpec, *, max_model_len: int | None, batch_tokens: int,
-                 max_k: int, device: str | None) -> TeacherBackend:
+                 max_k: int, device: str | None, dtype: str | None) -> TeacherBackend:
         ...
 
+
+DTYPES = ("float32", "bfloat16", "float16")  # --dtype choices besides "auto"
 
 # backend name -> "module:Class"
 BACKENDS = {
@@ -98,9 +100,11 @@ BACKENDS = {
 
 
 def make_backend(name: str, spec: TeacherSpec, *, max_model_len: int | None = None,
-                 batch_tokens: int = 16384, max_k: int = 64, device: str | None = None) -> TeacherBackend:
+                 batch_tokens: int = 16384, max_k: int = 64, device: str | None = None,
+                 dtype: str | None = None) -> TeacherBackend:
     """Build backend `name` for `spec`. `max_k` is the largest k the caller will request (vllm needs it
-    up front as max_logprobs). A missing engine package is a one-line DistillError."""
+    up front as max_logprobs). `dtype` None/"auto" = the engine's default for the device. A missing engine
+    package is a one-line DistillError."""
     if name not in BACKENDS:
         raise DistillError(f"--backend: unknown backend {name!r} (choose from {', '.join(BACKENDS)})")
     mod_name, cls_name = BACKENDS[name].split(":")
@@ -109,7 +113,10 @@ def make_backend(name: str, spec: TeacherSpec, *, max_model_len: int | None = No
     except ModuleNotFoundError as e:
         raise DistillError(f"--backend {name}: engine not available ({e.name} is not installed)") from None
     cls = getattr(mod, cls_name)
-    return cls(spec, max_model_len=max_model_len, batch_tokens=batch_tokens, max_k=max_k, device=device)
+    if dtype not in (None, "auto", *DTYPES):
+        raise DistillError(f"--dtype {dtype}: choose from auto, {', '.join(DTYPES)}")
+    return cls(spec, max_model_len=max_model_len, batch_tokens=batch_tokens, max_k=max_k, device=device,
+               dtype=None if dtype == "auto" else dtype)
 
 
 def check_scores(scores: list[TeacherScores], seqs: list[list[int]], k: int) -> None:

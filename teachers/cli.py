@@ -36,6 +36,8 @@ def add_parser(subparsers) -> None:
     pc.add_argument("--prob-bits", type=int, default=12, help="bits per stored probability code (default 12)")
     pc.add_argument("--zstd-level", type=int, default=12, help="zstd level (default 12)")
     pc.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    pc.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                    help="teacher compute dtype (auto: bf16/fp16 on GPU, bf16 on CPUs with native bf16, else fp32)")
     pc.add_argument("--no-progress", action="store_true", help="no progress bar")
     pc.add_argument("--json", action="store_true", help="print a JSON summary as the last stdout line")
     pc.set_defaults(func=_precompute)
@@ -56,6 +58,7 @@ def _precompute(args) -> int:
         k=args.k, k_student=args.k_student, num_workers=args.num_shards, worker_index=args.shard_index,
         max_model_len=args.max_model_len, batch_tokens=args.batch_tokens, keep_teacher_space=args.keep_teacher_space,
         chunk_rows=args.chunk_rows, prob_bits=args.prob_bits, zstd_level=args.zstd_level, device=args.device,
+        dtype=args.dtype,
         progress=not args.no_progress,
     )
     summary = run_precompute(cfg)

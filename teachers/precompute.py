@@ -48,6 +48,7 @@ class PrecomputeConfig:
     prob_bits: int = dc.DEFAULT_PROB_BITS
     zstd_level: int = dc.DEFAULT_ZSTD_LEVEL
     device: str | None = None
+    dtype: str | None = None  # teacher compute dtype; None/"auto" = the backend's default (bf16 where fast)
     progress: bool = True
 
 
@@ -362,7 +363,7 @@ def run_precompute(cfg: PrecomputeConfig) -> dict:
 
         read_header(p)
     backend = make_backend(cfg.backend, spec, max_model_len=cfg.max_model_len, batch_tokens=cfg.batch_tokens,
-                           max_k=cfg.k, device=cfg.device)
+                           max_k=cfg.k, device=cfg.device, dtype=cfg.dtype)
     if cfg.k > backend.max_k:
         raise DistillError(f"--k {cfg.k}: above the {backend.name} engine's limit ({backend.max_k})")
     return Precompute(cfg, spec, backend).run()

@@ -75,3 +75,28 @@ def test_demo_score_matches_independent_metric(demo):
     assert n - 1 == json.loads((wd / "summary.json").read_text())["val_tokens"]
     assert nbytes == s["val_bytes"]
     assert abs(bpb - s["val_bpb"]) / bpb < 1e-4
+
+
+def test_bench_kd_end_to_end(demo, tmp_path):
+    """`distill bench kd` on the demo's own text and in-house teacher: every stage runs, the JSON contract
+    holds (means = the per-seed values, a plot on disk, the settings echoed), and a rerun reuses every stage."""
+    wd, _ = demo
+    s = json.loads((wd / "summary.json").read_text())
+    lines = (wd / "docs.jsonl").read_text().splitlines()
+    train, val = tmp_path / "train.jsonl", tmp_path / "val.jsonl"
+    train.write_text("\n".join(lines[10:]) + "\n")
+    val.write_text("\n".join(lines[:10]) + "\n")
+    cmd = [sys.executable, "-m", "distill.cli", "bench", "kd", "--teacher", s["teacher_checkpoint"],
+           "--train-docs", str(train), "--val-docs", str(val), "--tokenizer", s["tokenizer"], "--k", "8",
+           "--minutes", "0.1", "--seeds", "1", "--workdir", str(tmp_path / "w"), "--json"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(r["ce_bpb"]) == len(r["kd_bpb"]) == 1
+    assert r["ce_bpb_mean"] == r["ce_bpb"][0] and r["kd_bpb_mean"] == r["kd_bpb"][0]
+    assert 0.5 < r["ce_bpb_mean"] < 8.0 and 0.5 < r["kd_bpb_mean"] < 8.0
+    assert r["teacher_bpb"] is not None and r["teacher_bpb"] > 0
+    assert r["settings"]["k"] == 8 and r["settings"]["kd_top_k"] == 8
+    assert os.path.getsize(r["plot"]) > 1000
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and json.loads(again.stdout.strip().splitlines()[-1])["kd_bpb"] == r["kd_bpb"]

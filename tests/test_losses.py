@@ -130,3 +130,25 @@ def test_bf16_logits_computed_in_float32(gen):
     ref = _reference(z.float(), targets, ids, probs, residual, 0.5)
     assert loss.dtype == torch.float32
     assert math.isclose(loss.item(), ref[0].item(), rel_tol=1e-5)
+
+
+def test_top_k_truncation_equals_a_cache_of_fewer_ids(gen):
+    """prepare_targets(top_k=k_s) on a k-id cache == the loss on a k_s-id cache of the same teacher
+    (shuffled slot order: the truncation must pick by probability, not by position)."""
+    from distill.losses import kd_loss_prepared, prepare_targets
+
+    ids, probs, residual, p = _teacher(gen, k=K)
+    perm = torch.randperm(K, generator=gen)
+    ids_s, probs_s = ids[:, perm], probs[:, perm]
+    logits = torch.randn(N, V, generator=gen)
+    targets = torch.randint(0, V, (N,), generator=gen)
+    k_s = 3
+    want = _reference(logits, targets, ids[:, :k_s], probs[:, :k_s], (1.0 - probs[:, :k_s].double().sum(-1)).float(), 0.7)
+    t = prepare_targets(targets, ids_s, probs_s, residual, top_k=k_s)
+    got = kd_loss_prepared(logits, t, 0.7)
+    assert t.q.shape == (N, k_s)
+    for g, w in zip(got, want):
+        assert abs(float(g) - float(w)) < 1e-5
+    full = kd_loss_prepared(logits, prepare_targets(targets, ids_s, probs_s, residual, top_k=K), 0.7)
+    ref_full = _reference(logits, targets, ids, probs, residual, 0.7)
+    assert abs(float(full[0]) - float(ref_full[0])) < 1e-5

@@ -130,7 +130,7 @@ def vllm_backend(spec):
 def hf_backend(spec):
     from teachers.backend_hf import HFBackend
 
-    return HFBackend(spec, max_model_len=1024, batch_tokens=8192, max_k=K_LARGE, device="cpu")
+    return HFBackend(spec, max_model_len=1024, batch_tokens=8192, max_k=K_LARGE, device="cpu", dtype="float32")
 
 
 @pytest.fixture(scope="module")
@@ -272,7 +272,8 @@ def test_cli_precompute_vllm_matches_hf(tiny_teacher, student_shard, sp1024_path
         out = tmp_path / backend
         cmd = _distill_cmd() + ["teacher", "precompute", "--backend", backend, "--teacher", str(tiny_teacher),
                                 "--tokenizer", str(sp1024_path), "--shards", str(student_shard / "*.bin"),
-                                "--k", str(K_SMALL), "--out", str(out), "--json", "--no-progress"]
+                                "--k", str(K_SMALL), "--out", str(out), "--json", "--no-progress",
+                                "--dtype", "float32"]  # same arithmetic on both engines (hf's CPU auto may be bf16)
         res = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=300)
         assert res.returncode == 0, res.stderr[-2000:]
         outs[backend] = json.loads(res.stdout.strip().splitlines()[-1])
