@@ -2,6 +2,9 @@
 
 The packer: read the checkpoint, (GPTQ) calibrate on TRAINING tokens, quantize per tensor with a clip
 search, encode with distill.artifact, check the budget (optionally `--fit`: rate-distortion coarsening).
+Below 8 bits the clip search is rate-aware by default (`--rd-lambda`): per tensor, the embedding included,
+the clip or step minimizing distortion + lambda * entropy-coded bits, with the distortion in loss units
+(a Fisher diagonal from training tokens) so that one lambda trades bytes for loss alike in every tensor.
 
 GPTQ calibration reads TRAINING shards only (a glob naming `_val_` files is refused) and is time-limited
 (`--calib-seconds`), as the challenge counts calibration inside the training budget.
@@ -10,6 +13,7 @@ GPTQ calibration reads TRAINING shards only (a glob naming `_val_` files is refu
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -30,6 +34,18 @@ DEFAULT_BUDGET_BYTES = 16_000_000
 DEFAULT_MIN_QUANT_NUMEL = 4096  # smaller 2-D tensors (control/skip weights) stay fp16: scales would dominate
 EMBED_NAMES = ("tok_emb.weight", "lm_head.weight")
 AUTO_BITS = (8, 6, 5, 4)
+# Rate-aware packing below 8 bits: per tensor, the clip/step minimizing distortion + lambda * estimated bits.
+# Distortion "fisher" (training tokens available: --calib, else the checkpoint's data.train_shards):
+# sum(F * dW^2) with F the per-window empirical Fisher diagonal, in loss units; lambda = loss paid per bit.
+# Measured on the demo KD student (592k params, seq_len 256): 2.5e-10 -> 0.491 bytes/param at +0.007 bpb.
+DEFAULT_RD_LAMBDA_FISHER = 2.5e-10
+# Distortion "nsr" (no training tokens): numel * noise-to-signal ratio per tensor, the tied embedding/head
+# weighted EMBED_SENSITIVITY x (measured on the demo KD student: 30 best among 1/10/30/100/300; at
+# lambda 0.02 -> 0.497 bytes/param at +0.010 bpb). At the optimum each tensor's NSR ~ lambda / (2 ln 2).
+DEFAULT_RD_LAMBDA_NSR = 0.02
+EMBED_SENSITIVITY = 30.0
+SENS_MAX_TOKENS = 32_768  # Fisher windows: ~128 x 256 tokens, a few seconds on one CPU thread
+RD_DISTORTIONS = ("auto", "fisher", "nsr")
 
 
 def read_checkpoint(ckpt_dir: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
@@ -121,45 +137,110 @@ def _quantize_one(name: str, t: torch.Tensor, b: int, method: str, hessians, cac
     return Entry(name, list(t.shape), b, codes=q, scales=s, clip=clip, method=m)
 
 
+def rd_tables(state, plan, method, hessians, cache: dict,
+              fisher: dict[str, torch.Tensor] | None = None) -> dict[str, list[quant.RDOption]]:
+    """Per quantized tensor, its RD options (`quant.rd_options`, the embedding/head included at its own
+    grid). Distortion: Fisher-weighted squared error (loss units) when `fisher` is given; else the
+    tensor's noise-to-signal ratio (Hessian-weighted under GPTQ where a Hessian exists) times its numel,
+    the embedding's weighted by EMBED_SENSITIVITY. Memoized in `cache` across lambdas and budget retries."""
+    out = {}
+    with single_thread():
+        for n, b in plan.items():
+            if b >= 16:
+                continue
+            F = (fisher or {}).get(n)
+            H = (hessians or {}).get(n) if method == "gptq" and F is None else None
+            key = ("rd", n, b, H is not None, F is not None)
+            if key not in cache:
+                cache[key] = quant.rd_options(state[n], b, H, F)
+            w = 1.0 if F is not None else sensitivity(n)
+            out[n] = [dataclasses.replace(o, dist=o.dist * w) for o in cache[key]] if w != 1.0 else cache[key]
+    return out
+
+
+def sensitivity(name: str) -> float:
+    """Weight of a tensor's normalized distortion when no Fisher is available. The tied embedding is also
+    the output head: its errors reach the logits directly (measured: see DEFAULT_RD_LAMBDA)."""
+    return EMBED_SENSITIVITY if name in EMBED_NAMES else 1.0
+
+
+def fisher_diagonal(state: dict[str, torch.Tensor], model_cfg: dict, tokens: np.ndarray, seq_len: int,
+                    max_tokens: int, deadline_s: float | None = None,
+                    where: str = "checkpoint") -> tuple[dict[str, torch.Tensor], int]:
+    """Diagonal empirical Fisher E[g^2] of the next-token loss w.r.t. every 2-D weight, one gradient per
+    TRAINING window (per-window, not per-batch: averaging gradients first would cancel most of them).
+    0.5 * sum(F * dW^2) estimates the loss increase of a weight perturbation dW: a distortion in loss
+    units, comparable across tensors. Returns ({name: F}, tokens seen)."""
+    from student.model import build_model
+
+    model = build_model(model_cfg)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise DistillError(f"{where}: weights do not match config.json's model ({str(e)[:200]})") from None
+    model.eval()
+    params = {n: p for n, p in model.named_parameters() if p.dim() == 2}
+    for n, p in model.named_parameters():
+        p.requires_grad_(n in params)
+    acc = {n: torch.zeros_like(p) for n, p in params.items()}
+    L = max(2, min(int(seq_len), len(tokens) - 1))
+    seen, windows = 0, 0
+    for batch in calibration_batches(tokens, L, max_tokens, batch_size=1):
+        logits = model(batch[:, :-1])
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
+                                                 batch[:, 1:].reshape(-1))
+        grads = torch.autograd.grad(loss, list(params.values()))
+        for n, g in zip(params, grads):
+            acc[n] += g.detach().pow(2)
+        seen, windows = seen + batch.numel(), windows + 1
+        if deadline_s is not None and time.monotonic() > deadline_s:
+            break
+    # tied head: the same tensor is stored under the embedding's name
+    return {n: a / max(windows, 1) for n, a in acc.items()}, seen
+
+
+def choose_clips(tables: dict[str, list[quant.RDOption]], lam: float, cap_rate: bool = True) -> dict:
+    """{name: RDOption} minimizing dist + lam * bits per tensor (one lam for all: equal marginal trade)."""
+    return {n: quant.rd_choose(opts, lam, cap_rate) for n, opts in tables.items()}
+
+
 def fit_budget(state, plan, method, hessians, cache, encode, budget_bytes: int, first_bytes: int,
-               progress: bool) -> tuple[bytes, dict, list[Entry], float]:
+               progress: bool, first_choice: dict | None = None,
+               fisher: dict | None = None) -> tuple[bytes, dict, list[Entry], float, dict]:
     """Rate-distortion allocation: coarsen the quantized tensors' steps until the artifact fits.
 
-    Each tensor offers (clip -> error, estimated bits) options (`quant.rd_table`, errors Hessian-weighted
-    under GPTQ); a global multiplier lam picks, per tensor, the option minimizing error + lam * bits, found by
-    bisection so the estimate fits; the estimate's offset is re-measured on the real encoding and retried.
-    Embeddings keep their grid (embed_bits) but join the allocation. Returns (data, info, entries, lam)."""
-    names = [n for n, b in plan.items() if b < 16]
-    with single_thread():
-        tables = {n: quant.rd_table(state[n], plan[n], (hessians or {}).get(n) if method == "gptq" else None)
-                  for n in names}
-    # errors relative to each tensor's best: Hessian-weighted errors of different layers are not on one
-    # scale of loss, so every matrix is treated as equally sensitive to a relative error increase
-    tables = {n: [(c, e / max(min(o[1] for o in tab), 1e-30), r) for c, e, r in tab] for n, tab in tables.items()}
+    Every quantized tensor (block matrices AND the embedding/head, each at its own grid) offers RD options
+    (`rd_tables`); a global multiplier lam picks, per tensor, the option minimizing dist + lam * bits, found
+    by bisection so the estimate fits; the estimate's offset is re-measured on the real encoding and
+    retried. `first_choice`: the RD choice behind `first_bytes` (None: the error-only one).
+    Returns (data, info, entries, lam, choice)."""
+    tables = rd_tables(state, plan, method, hessians, cache, fisher)
+    names = list(tables)
 
     def choose(lam: float) -> dict:
-        return {n: min(tables[n], key=lambda o: o[1] + lam * o[2]) for n in names}
+        return choose_clips(tables, lam, cap_rate=False)
 
     def est_bytes(choice: dict) -> float:
-        return sum(o[2] for o in choice.values()) / 8
+        return sum(o.rate_bits for o in choice.values()) / 8
 
-    other = first_bytes - est_bytes(choose(0.0))  # code, metadata, embeddings, fp16 tensors, coder overhead
+    # code, metadata, fp16 tensors, coder overhead
+    other = first_bytes - est_bytes(first_choice or choose(0.0))
     data = b""
     for _ in range(5):
         target = budget_bytes - other
-        if est_bytes(choose(math.exp(60))) > target:
+        if est_bytes(choose(math.exp(30))) > target:
             break
-        lo, hi = -60.0, 60.0  # bisection on ln(lam): the estimate is non-increasing in lam
-        for _ in range(80):
+        lo, hi = -40.0, 30.0  # bisection on ln(lam): the estimate is non-increasing in lam
+        for _ in range(60):
             mid = (lo + hi) / 2
             lo, hi = (lo, mid) if est_bytes(choose(math.exp(mid))) <= target else (mid, hi)
         lam = math.exp(hi)
         choice = choose(lam)
         entries = quantize_state_dict(state, plan, method, hessians, cache, progress,
-                                      clips={n: o[0] for n, o in choice.items()})
+                                      clips={n: choice[n].clip for n in names})
         data, info = encode(entries)
         if len(data) <= budget_bytes:
-            return data, info, entries, lam
+            return data, info, entries, lam, choice
         other = len(data) - est_bytes(choice) + 0.002 * budget_bytes  # re-measure, keep a small margin
     raise DistillError(f"artifact would be {len(data) or first_bytes} bytes, over the budget of {budget_bytes} "
                        "bytes even at the coarsest steps")
@@ -203,17 +284,27 @@ def pack_checkpoint(
     calib_seq_len: int | None = None, min_quant_numel: int = DEFAULT_MIN_QUANT_NUMEL,
     max_bytes_per_param: float | None = None, fit: bool = False, progress: bool = True, write: bool = True,
     entries_out: list | None = None, hessians: dict[str, torch.Tensor] | None = None, cache: dict | None = None,
+    rd_lambda: float | None = None, rd_distortion: str = "auto",
 ) -> dict:
     """Quantize a float checkpoint and write one artifact at `out_path` (atomically, only if it fits).
 
     bits: 8/6/5/4 for the block matrices, or "auto" = the highest of 8/6/5/4 whose artifact fits.
-    The budget is min(budget_bytes, max_bytes_per_param * params). Over it: with `fit`, the block matrices'
-    steps are coarsened (rate-distortion allocation, `fit_budget`) until it fits; otherwise DistillError
+    Clips: below 8 bits, rate-aware by default (per tensor, embedding included, the clip/step minimizing
+    distortion + rd_lambda * estimated bits; None = the default for the distortion in use, see
+    DEFAULT_RD_LAMBDA_*); rd_lambda=0 (and 8 bits by default) = the error-only clip search.
+    rd_distortion: "fisher" (needs TRAINING tokens: calib_tokens, else the checkpoint's data.train_shards),
+    "nsr" (data-free), "auto" = fisher when tokens are available.
+    The budget is min(budget_bytes, max_bytes_per_param * params). Over it: with `fit`, all quantized
+    tensors' steps are coarsened (rate-distortion allocation, `fit_budget`) until it fits; otherwise DistillError
     "<out>: artifact would be N bytes, over the budget of B bytes" and nothing is written. Returns the
     report; `entries_out`, when a list, receives the stored Entry objects (tests compare them with what
     load_artifact returns). `hessians` (from `calibrate`) skips the calibration pass (benchmarks reuse it).
     """
     t0 = time.monotonic()
+    if rd_distortion not in RD_DISTORTIONS:
+        raise DistillError(f"--rd-distortion: expected one of {RD_DISTORTIONS}, got {rd_distortion!r}")
+    if rd_lambda is not None and not (rd_lambda >= 0 and math.isfinite(rd_lambda)):
+        raise DistillError(f"--rd-lambda: expected a finite number >= 0, got {rd_lambda!r}")
     if method not in ("rtn", "gptq"):
         raise DistillError(f"--method: expected rtn or gptq, got {method!r}")
     if bits != "auto" and int(bits) not in AUTO_BITS:
@@ -239,10 +330,24 @@ def pack_checkpoint(
         return encode_artifact(entries, model_cfg, codecs, layouts)
 
     cache = {} if cache is None else cache
-    tried, lam = [], 0.0
+    sens: list = []  # measured on first use only (an 8-bit pack that fits never needs it)
+
+    def distortion() -> tuple[dict | None, str, int]:
+        if not sens:
+            sens.append(sensitivities(state, cfg, rd_distortion, calib_tokens, calib_seq_len, calib_max_tokens,
+                                      t0 + calib_seconds, cache, str(ckpt_dir)))
+        return sens[0]
+
+    tried, choice, fitted = [], {}, False
     for b in AUTO_BITS if bits == "auto" else (int(bits),):
         plan = plan_bits(state, b, embed_bits, min_quant_numel)
-        entries = quantize_state_dict(state, plan, method, hessians, cache, progress)
+        clips, choice = None, {}
+        lam = effective_rd_lambda(rd_lambda, b)
+        if lam > 0:  # rate-aware: every quantized tensor (embedding included) at the same marginal trade
+            lam = effective_rd_lambda(rd_lambda, b, distortion()[0] is not None)
+            choice = choose_clips(rd_tables(state, plan, method, hessians, cache, distortion()[0]), lam)
+            clips = {n: o.clip for n, o in choice.items()}
+        entries = quantize_state_dict(state, plan, method, hessians, cache, progress, clips=clips)
         data, info = encode(entries)
         tried.append({"bits": b, "artifact_bytes": len(data)})
         if len(data) <= budget:
@@ -251,8 +356,9 @@ def pack_checkpoint(
         if not fit:
             raise DistillError(f"{out_path}: artifact would be {len(data)} bytes, over the budget of {budget} bytes")
         try:
-            data, info, entries, lam = fit_budget(state, plan, method, hessians, cache, encode, budget,
-                                                  len(data), progress)
+            data, info, entries, lam, choice = fit_budget(state, plan, method, hessians, cache, encode, budget,
+                                                          len(data), progress, choice or None, distortion()[0])
+            fitted = True
         except DistillError as e:
             raise DistillError(f"{out_path}: {e}") from None
     if write:
@@ -260,16 +366,75 @@ def pack_checkpoint(
     if entries_out is not None:
         entries_out.extend(entries)
     w_ratio = info["weights_bytes"] / max(info["weights_raw_bytes"], 1)
-    tensors = [{"name": e.name, "shape": e.shape, "bits": e.bits if e.bits < 16 else "fp16",
-                "clip": e.clip or None, "method": e.method, "bytes": e.raw_bytes(info["layout"]),
-                "est_compressed_bytes": round(e.raw_bytes(info["layout"]) * w_ratio)} for e in entries]
+    tensors = []
+    for e in entries:
+        t = {"name": e.name, "shape": e.shape, "bits": e.bits if e.bits < 16 else "fp16",
+             "clip": e.clip or None, "method": e.method, "bytes": e.raw_bytes(info["layout"]),
+             "est_compressed_bytes": round(e.raw_bytes(info["layout"]) * w_ratio)}
+        if e.name in choice:  # the RD estimate behind the choice (RTN; GPTQ codes differ slightly)
+            o = choice[e.name]
+            t["rd_dist"] = o.dist  # in the units of report["rd_distortion"]
+            t["rd_est_bits_per_value"] = o.rate_bits / max(e.codes.numel(), 1)
+        tensors.append(t)
+    mode = "fit" if fitted else ("rate-aware" if lam > 0 else "error-only")
+    _fisher, sens_source, sens_seen = sens[0] if sens else (None, None, 0)
     return {
         "out": str(out_path), **info, "model_bytes": len(data) - info["code_bytes"], "params": params,
         "bytes_per_param": len(data) / max(params, 1), "bits": bits if bits == "auto" else int(bits),
         "chosen_bits": b, "embed_bits": embed_bits, "method": method, "budget_bytes": budget,
-        "fit": bool(fit), "rd_lambda": lam, "tried": tried, "calib_tokens": calib_seen,
+        "fit": bool(fit), "rd_lambda": lam, "rd_mode": mode,
+        "rd_distortion": sens_source, "sens_tokens": sens_seen, "tried": tried,
+        "calib_tokens": calib_seen,
         "seconds": round(time.monotonic() - t0, 2), "tensors": tensors,
     }
+
+
+def sensitivities(state, cfg: dict, rd_distortion: str, calib_tokens, calib_seq_len, calib_max_tokens: int,
+                  deadline_s: float, cache: dict, where: str) -> tuple[dict | None, str, int]:
+    """The rate-aware choice's distortion -> (Fisher diagonals or None, description, tokens used).
+    "fisher" from --calib tokens, else the checkpoint's own data.train_shards; "nsr" when neither is there
+    (auto) or asked for. Memoized in `cache` (benchmarks reuse one measurement across packs)."""
+    if rd_distortion == "nsr":
+        return None, "nsr", 0
+    if "fisher" in cache:
+        return cache["fisher"]
+    toks, source = calib_tokens, "calib"
+    if toks is None or len(toks) == 0:
+        toks, source = checkpoint_train_tokens(cfg, SENS_MAX_TOKENS), "checkpoint train_shards"
+    if toks is None or len(toks) < 2:
+        if rd_distortion == "fisher":
+            raise DistillError("--rd-distortion fisher: needs --calib or a checkpoint whose config.json names "
+                               "readable data.train_shards")
+        return None, "nsr", 0
+    L = int(calib_seq_len or cfg.get("train", {}).get("seq_len", 1024))
+    with single_thread():
+        fisher, seen = fisher_diagonal(state, cfg["model"], toks, L, min(calib_max_tokens, SENS_MAX_TOKENS),
+                                       deadline_s, where=where)
+    cache["fisher"] = (fisher, f"fisher ({source})", seen)
+    return cache["fisher"]
+
+
+def checkpoint_train_tokens(cfg: dict, max_tokens: int) -> np.ndarray | None:
+    """The first tokens of the TRAINING shards the checkpoint's config.json names, or None when it names
+    none or they are gone (the packer then falls back to the data-free distortion)."""
+    pattern = (cfg.get("data") or {}).get("train_shards")
+    if not isinstance(pattern, str) or not pattern or "_val_" in pattern:
+        return None
+    try:
+        toks = load_calibration_tokens(pattern, max_tokens)
+    except (DistillError, OSError, ValueError):
+        return None
+    return toks if len(toks) > 1 else None
+
+
+def effective_rd_lambda(rd_lambda: float | None, bits: int, fisher: bool = True) -> float:
+    """The lambda used at `bits`: the given one, else the default of the distortion in use below 8 bits, and
+    0 (error-only) at 8 bits, where the artifact is meant to be near-lossless rather than small."""
+    if rd_lambda is not None:
+        return float(rd_lambda)
+    if bits >= 8:
+        return 0.0
+    return DEFAULT_RD_LAMBDA_FISHER if fisher else DEFAULT_RD_LAMBDA_NSR
 
 
 def load_calibration_tokens(pattern: str, max_tokens: int) -> np.ndarray:
@@ -318,6 +483,15 @@ def add_pack_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"2-D tensors with fewer elements are stored as fp16 (default {DEFAULT_MIN_QUANT_NUMEL})")
     p.add_argument("--max-bytes-per-param", type=float, default=None,
                    help="also cap the artifact at this many bytes per parameter (e.g. 0.5)")
+    p.add_argument("--rd-lambda", type=float, default=None,
+                   help="rate-aware packing: per tensor the clip/step minimizing distortion + lambda * bits (the "
+                        "embedding included). Default below 8 bits: "
+                        f"{DEFAULT_RD_LAMBDA_FISHER:g} (fisher) / {DEFAULT_RD_LAMBDA_NSR:g} (nsr); "
+                        "0 = the old error-only clip search; 8 bits default to 0")
+    p.add_argument("--rd-distortion", choices=list(RD_DISTORTIONS), default="auto",
+                   help="distortion of the rate-aware choice: fisher (loss-weighted, needs TRAINING tokens: "
+                        "--calib, else the checkpoint's config data.train_shards), nsr (data-free noise-to-"
+                        "signal ratio), auto = fisher when tokens are available, else nsr (default)")
     p.add_argument("--fit", action="store_true",
                    help="when over the budget, coarsen the block matrices' steps (rate-distortion allocation) "
                         "until it fits, instead of failing")
@@ -326,19 +500,18 @@ def add_pack_arguments(p: argparse.ArgumentParser) -> None:
 def pack_from_args(args: argparse.Namespace, out: str, write: bool = True, **over) -> dict:
     method = over.get("method", args.method)
     calib = None
-    if method == "gptq":
-        if not args.calib:
-            raise DistillError("--calib: --method gptq needs a glob of TRAINING shards")
+    if method == "gptq" and not args.calib:
+        raise DistillError("--calib: --method gptq needs a glob of TRAINING shards")
+    if args.calib:  # GPTQ Hessians and/or the rate-aware Fisher; a validation glob is refused
         calib = load_calibration_tokens(args.calib, args.calib_tokens)
-    elif args.calib:
-        load_calibration_tokens(args.calib, 1)  # still refuse a validation glob
     return pack_checkpoint(
         args.checkpoint, out, bits=over.get("bits", args.bits), method=method,
         budget_bytes=getattr(args, "budget", DEFAULT_BUDGET_BYTES), calib_tokens=calib,
         embed_bits=args.embed_bits, codec=over.get("codec", args.codec), layout=args.layout,
         calib_seconds=args.calib_seconds, calib_max_tokens=args.calib_tokens, calib_seq_len=args.calib_seq_len,
         min_quant_numel=args.min_quant_numel, max_bytes_per_param=args.max_bytes_per_param, fit=args.fit,
-        progress=sys.stderr.isatty(), write=write,
+        progress=sys.stderr.isatty(), write=write, rd_lambda=over.get("rd_lambda", args.rd_lambda),
+        rd_distortion=args.rd_distortion,
     )
 
 

@@ -4,6 +4,9 @@
   dequantizer (the artifact loader calls it too, so pack -> unpack is bit-exact by construction).
 - `search_clip(w, bits, H=None)` picks, per tensor, the clip (a fraction of each row's absmax, or a
   multiple of each row's std) minimizing reconstruction MSE, or the Hessian-weighted error when H is given.
+- `rd_options(w, bits, H)` / `rd_choose(options, lam)` the rate-aware choice: per tensor the clip or step
+  minimizing normalized distortion + lam * estimated bits (entropy of the codes), so one lam trades size
+  for error consistently across tensors of different sizes and magnitudes.
 - `gptq(w, H, bits, clip)` Frantar et al. 2022: quantize column by column, pushing each column's error onto
   the not-yet-quantized columns through the inverse Hessian of the layer input (H = X^T X).
 - `fake_quantize(w, bits, clip)` the same RTN grid with a straight-through gradient (late QAT).
@@ -28,8 +31,13 @@ LAYOUTS = ("byte", "dense", "bitplanes")
 ABSMAX_RATIOS = (1.0, 0.97, 0.94, 0.9, 0.85, 0.8, 0.75, 0.7, 0.6, 0.5)
 STD_MULTIPLES = (2.5, 3.0, 3.5, 4.0, 5.0, 6.0, 8.0, 10.0, 12.0, 16.0)
 # Rate control only: a grid wider than the row absmax (coarser steps, fewer codes in use, fewer bits after
-# the entropy coder). Never chosen for accuracy; `rd_table` offers them when a size budget binds.
+# the entropy coder). Never chosen for accuracy; `rd_options` offers them to the rate-aware choice.
 COARSE_RATIOS = (1.15, 1.3, 1.5, 1.75, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0, 12.0, 16.0)
+# ("step", s): each row's step is s * rms(w_row), whatever its absmax. Rows then share one step-to-spread
+# ratio (a homogeneous code distribution the entropy coder models well) and the grid's outer levels are
+# spare: values past qmax * step saturate, levels past the absmax cost nothing after entropy coding.
+# Geometric, 2^(-1/4) apart: from ~2 bits/value (s = 1) to the 8-bit grid's resolution (s = 1/64).
+STEP_MULTIPLES = tuple(round(2.0 ** (-e / 4), 5) for e in range(25))
 
 
 def qmax(bits: int) -> int:
@@ -60,9 +68,13 @@ class Clip:
             return cls(str(clip["kind"]), float(clip["value"]))
         return cls("absmax", float(clip))
 
-    def row_limits(self, w: torch.Tensor) -> torch.Tensor:
-        """Per-row clip threshold (float32 [R]) for a 2-D w."""
+    def row_limits(self, w: torch.Tensor, bits: int | None = None) -> torch.Tensor:
+        """Per-row clip threshold (float32 [R]) for a 2-D w (a "step" clip needs the grid's `bits`)."""
         absmax = w.abs().amax(dim=1)
+        if self.kind == "step":
+            if bits is None:
+                raise ValueError("a step clip needs the bit width")
+            return self.value * w.float().pow(2).mean(dim=1).sqrt() * qmax(bits)
         if self.kind == "absmax":
             return absmax * self.value
         if self.kind == "std":
@@ -84,7 +96,7 @@ def _fp16_scale_ceil(scale: torch.Tensor) -> torch.Tensor:
 
 def row_scales(w: torch.Tensor, bits: int, clip: Clip | float | None = None) -> torch.Tensor:
     """fp16 per-row scales [R] for a 2-D w: clip_row / qmax (1.0 for all-zero rows)."""
-    lim = Clip.parse(clip).row_limits(w.float())
+    lim = Clip.parse(clip).row_limits(w.float(), bits)
     lim = torch.where(lim > 0, lim, torch.ones_like(lim) * qmax(bits))
     return _fp16_scale_ceil(lim / qmax(bits))
 
@@ -142,22 +154,73 @@ def code_entropy_bits(q: torch.Tensor, bits: int) -> float:
     return float(-(p * p.log2()).sum()) * q.numel()
 
 
-def rd_table(w: torch.Tensor, bits: int, H: torch.Tensor | None = None) -> list[tuple[Clip, float, float]]:
-    """[(clip, RTN error, estimated bits incl. fp16 scales)] over the accuracy clips and the coarse ones."""
-    w = w.detach().float()
-    Hf = None if H is None else H.detach().float()
-    out = []
-    for c in clip_candidates() + [Clip("absmax", r) for r in COARSE_RATIOS]:
-        q, s = quantize_rtn(w, bits, c)
-        out.append((c, weighted_error(w, dequantize(q, s), Hf), code_entropy_bits(q, bits) + 16.0 * s.numel()))
-    return out
-
-
 def search_clip(
     w: torch.Tensor, bits: int, H: torch.Tensor | None = None, candidates: list[Clip] | None = None
 ) -> tuple[Clip, float]:
     """The per-tensor clip minimizing RTN reconstruction error (Hessian-weighted when H is given)."""
     return min(clip_table(w, bits, H, candidates), key=lambda t: t[1])
+
+
+# ---------------------------------------------------------------------------------- rate-distortion
+
+
+@dataclass(frozen=True)
+class RDOption:
+    """One way to quantize a tensor: its clip, normalized distortion and estimated size.
+
+    dist: numel * (error / energy), i.e. the tensor's noise-to-signal ratio counted once per element, with
+    error and energy both Hessian-weighted when H is given (output-space noise-to-signal). Summing it over
+    tensors weighs every element's relative error alike, whatever the tensor's magnitude: the errors of
+    different tensors are comparable, which raw squared errors are not.
+    rate_bits: order-0 entropy of the codes + 16 bits per fp16 row scale.
+    """
+
+    clip: Clip
+    dist: float
+    rate_bits: float
+    accuracy: bool  # one of the error-only search's candidates (`clip_candidates`)
+
+
+def tensor_energy(w: torch.Tensor, H: torch.Tensor | None = None) -> float:
+    """||W||^2, or tr(W H W^T) (the layer's output energy on the calibration inputs) when H is given."""
+    return weighted_error(w, torch.zeros_like(w), H)
+
+
+def rd_candidates() -> list[Clip]:
+    return clip_candidates() + [Clip("absmax", r) for r in COARSE_RATIOS] + [Clip("step", s) for s in STEP_MULTIPLES]
+
+
+def rd_options(
+    w: torch.Tensor, bits: int, H: torch.Tensor | None = None, fisher: torch.Tensor | None = None
+) -> list[RDOption]:
+    """Every RD candidate of a 2-D w at `bits`, RTN-quantized: [RDOption] (see RDOption for the units).
+
+    With `fisher` (the diagonal empirical Fisher of the loss w.r.t. w, same shape), dist is instead
+    sum(fisher * (w - wq)^2): the second-order estimate of the loss increase, in loss units, comparable
+    across all tensors of a model without any normalization (H is then not used)."""
+    w = w.detach().float()
+    Hf = None if H is None else H.detach().float()
+    Ff = None if fisher is None else fisher.detach().float().reshape(w.shape)
+    norm = w.numel() / max(tensor_energy(w, Hf), 1e-30)
+    acc = set(clip_candidates())
+    out = []
+    for c in rd_candidates():
+        q, s = quantize_rtn(w, bits, c)
+        wq = dequantize(q, s)
+        dist = float((Ff * (w - wq).pow(2)).sum()) if Ff is not None else weighted_error(w, wq, Hf) * norm
+        out.append(RDOption(c, dist, code_entropy_bits(q, bits) + 16.0 * s.numel(), c in acc))
+    return out
+
+
+def rd_choose(options: list[RDOption], lam: float, cap_rate: bool = True) -> RDOption:
+    """The option minimizing dist + lam * rate_bits. lam <= 0: the error-only choice (what `search_clip`
+    picks). With `cap_rate`, only options no larger than the error-only choice compete, so a rate-aware
+    choice never costs more (estimated) bits than the error-only one."""
+    best_acc = min((o for o in options if o.accuracy), key=lambda o: o.dist)
+    if lam <= 0:
+        return best_acc
+    pool = [o for o in options if o.rate_bits <= best_acc.rate_bits] if cap_rate else options
+    return min(pool, key=lambda o: (o.dist + lam * o.rate_bits, o.rate_bits))
 
 
 # ---------------------------------------------------------------------------------------------- GPTQ

@@ -234,3 +234,65 @@ def test_gptq_6bit_fit_under_half_byte_per_param(tmp_path, sp1024_path, sample20
     assert r6["rd_lambda"] > 0 and r6["bits"] == 6
     print(f"fit6 {r6['bytes_per_param']:.4f} B/param KL {kl6:.5f} | gptq4 {r4['bytes_per_param']:.4f} KL {kl4:.5f}")
     assert kl6 < kl4, (kl6, kl4, r4["bytes_per_param"])
+
+
+@pytest.mark.parametrize("bits", [6, 4])
+def test_rate_aware_default_never_bigger_than_error_only_and_exact(ckpt, tmp_path, bits):
+    """Default sub-8-bit packing is rate-aware (embedding included) and never larger than the error-only
+    clip search (`rd_lambda=0`) at the same bits; the artifact still round-trips bit-exactly."""
+    from distill import pack
+
+    kw = {"bits": bits, "codec": "zstd", "min_quant_numel": 4096, "progress": False}
+    old = artifact.pack_checkpoint(ckpt[0], tmp_path / "old.art", rd_lambda=0.0, **kw)
+    entries: list = []
+    new = artifact.pack_checkpoint(ckpt[0], tmp_path / "new.art", entries_out=entries, **kw)
+    assert old["rd_mode"] == "error-only" and old["rd_lambda"] == 0.0
+    assert new["rd_mode"] == "rate-aware" and new["rd_lambda"] == pack.DEFAULT_RD_LAMBDA_NSR
+    assert new["rd_distortion"] == "nsr"  # this checkpoint names no training shards
+    assert new["artifact_bytes"] == (tmp_path / "new.art").stat().st_size < old["artifact_bytes"]
+    emb = {t["name"]: t for t in new["tensors"]}["tok_emb.weight"]
+    assert emb["bits"] == 8 and 0 < emb["rd_est_bits_per_value"] <= 8 and emb["rd_dist"] > 0
+    sd = artifact.load_artifact(tmp_path / "new.art").state_dict()
+    for e in entries:
+        assert torch.equal(sd[e.name], e.dequantized()), e.name
+    r8 = artifact.pack_checkpoint(ckpt[0], tmp_path / "8.art", **{**kw, "bits": 8})
+    assert r8["rd_mode"] == "error-only" and r8["rd_distortion"] is None  # 8 bits: near-lossless default
+
+
+def test_fisher_distortion_from_checkpoint_train_shards(tmp_path):
+    """A checkpoint whose config names its TRAINING shards gets the Fisher-weighted (loss-unit) distortion
+    without any flag; --rd-lambda 0 restores the error-only search; a bad lambda is one-line exit 2."""
+    from distill import quant
+
+    d, _ = make_checkpoint(tmp_path / "ck", seed=2)
+    write_shard(tmp_path / "fineweb_train_000000.bin", np.random.default_rng(0).integers(0, 512, 4000))
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["data"] = {"train_shards": str(tmp_path / "fineweb_train_*.bin")}
+    (d / "config.json").write_text(json.dumps(cfg))
+    r = artifact.pack_checkpoint(d, tmp_path / "f.art", bits=6, codec="zstd", calib_max_tokens=1024,
+                                 progress=False)
+    assert r["rd_distortion"] == "fisher (checkpoint train_shards)" and r["sens_tokens"] == 1024
+    p = run_cli("pack", str(d), "--out", str(tmp_path / "e.art"), "--bits", "6", "--rd-lambda", "0",
+                "--codec", "zstd", "--json")
+    assert p.returncode == 0, p.stderr
+    e = json.loads(p.stdout.strip().splitlines()[-1])
+    assert e["rd_mode"] == "error-only" and e["artifact_bytes"] > r["artifact_bytes"]
+    from distill.pack import read_checkpoint
+
+    w = read_checkpoint(d)[0]
+    for t in e["tensors"]:
+        if t["bits"] != "fp16":
+            assert t["clip"] == str(quant.search_clip(w[t["name"]], t["bits"])[0]), t["name"]
+    p = run_cli("pack", str(d), "--out", str(tmp_path / "x.art"), "--bits", "6", "--rd-lambda", "-1")
+    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1 and "--rd-lambda" in p.stderr
+    assert not (tmp_path / "x.art").exists()
+
+
+def test_fit_coarsens_the_embedding_too(ckpt, tmp_path):
+    first = artifact.pack_checkpoint(ckpt[0], tmp_path / "a.art", bits=6, codec="zstd", rd_lambda=0.0,
+                                     progress=False, write=False)
+    r = artifact.pack_checkpoint(ckpt[0], tmp_path / "fit.art", bits=6, codec="zstd", rd_lambda=0.0, fit=True,
+                                 budget_bytes=int(0.6 * first["artifact_bytes"]), progress=False)
+    assert r["rd_mode"] == "fit" and r["artifact_bytes"] <= int(0.6 * first["artifact_bytes"])
+    emb = {t["name"]: t for t in r["tensors"]}["tok_emb.weight"]
+    assert emb["clip"] != "absmax*1" and emb["rd_est_bits_per_value"] < 6.5

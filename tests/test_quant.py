@@ -122,3 +122,49 @@ def test_collect_hessians_equals_xtx():
     x = lin[0](ids).reshape(-1, 8).double()
     assert seen == 42
     assert torch.allclose(hess["1.weight"], 2 * x.T @ x, rtol=1e-5, atol=1e-6)
+
+
+def test_step_clip_sets_step_from_row_rms():
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(16, 300, generator=g) * torch.linspace(0.1, 3.0, 16)[:, None]
+    q, s = quant.quantize_rtn(w, 6, quant.Clip("step", 0.25))
+    rms = w.pow(2).mean(dim=1).sqrt()
+    assert torch.allclose(s.float(), 0.25 * rms, rtol=1e-3)  # fp16, rounded up
+    inside = w.abs() <= s.float()[:, None] * quant.qmax(6)
+    assert inside.float().mean() > 0.99  # 31 steps of rms/4 cover ~7.75 sigma
+    assert ((w - quant.dequantize(q, s)).abs()[inside] <= (s.float()[:, None] / 2).expand_as(w)[inside] + 1e-7).all()
+
+
+@pytest.mark.parametrize("bits", [6, 4])
+def test_rd_choose_never_costs_more_bits_than_error_only(bits):
+    torch.manual_seed(5)
+    w = torch.distributions.StudentT(4.0).sample((64, 192)) * 0.02
+    opts = quant.rd_options(w, bits)
+    err_only = quant.rd_choose(opts, 0.0)
+    clip, _ = quant.search_clip(w, bits)
+    assert err_only.clip == clip  # lambda 0 = the old error-only search
+    rates = []
+    for lam in (1e-4, 1e-3, 1e-2, 0.1, 1.0):
+        o = quant.rd_choose(opts, lam)
+        assert o.rate_bits <= err_only.rate_bits + 1e-9
+        rates.append(o.rate_bits)
+    assert rates == sorted(rates, reverse=True) and rates[-1] < 0.7 * err_only.rate_bits
+    # the estimate is the codes' real order-0 entropy + 16 bits per row scale
+    q, _s = quant.quantize_rtn(w, bits, quant.rd_choose(opts, 0.01).clip)
+    assert quant.rd_choose(opts, 0.01).rate_bits == pytest.approx(quant.code_entropy_bits(q, bits) + 16 * 64)
+
+
+def test_rd_options_distortions_are_comparable_across_scales():
+    torch.manual_seed(6)
+    w = torch.randn(32, 128)
+    a, b = quant.rd_options(w, 6), quant.rd_options(w * 1000.0, 6)
+    # the normalized distortion (noise-to-signal x numel) ignores the tensor's magnitude
+    for x, y in zip(a, b):
+        assert x.clip == y.clip and x.dist == pytest.approx(y.dist, rel=1e-3)
+    # Fisher-weighted: sum F (w - wq)^2 exactly; zero sensitivity -> the cheapest option wins
+    F = torch.rand(32, 128)
+    fo = quant.rd_options(w, 6, fisher=F)
+    q, s = quant.quantize_rtn(w, 6, fo[3].clip)
+    assert fo[3].dist == pytest.approx(float((F * (w - quant.dequantize(q, s)).pow(2)).sum()), rel=1e-5)
+    zero = quant.rd_options(w, 6, fisher=torch.zeros(32, 128))
+    assert quant.rd_choose(zero, 1e-9, cap_rate=False).rate_bits == min(o.rate_bits for o in zero)
