@@ -123,6 +123,7 @@ class HFBackend:
         self.model.to(self.device, dtype=self.dtype)
         self.version += f"+{str(self.dtype).removeprefix('torch.')}"  # recorded in the cache manifest
         self._pad_free = not on_gpu
+        self.on_progress = None  # optional callable(teacher tokens scored), called after every batch
         self._head32 = None if (self._inhouse or self.dtype == torch.float32) else self._fp32_head()
         if max_model_len:  # in-house (RoPE): any length; HF models: never past their trained context
             ctx = int(max_model_len) if (self._inhouse or not ctx) else min(ctx, int(max_model_len))
@@ -205,4 +206,6 @@ class HFBackend:
             for r, i in enumerate(idx):
                 n1 = lens[r] - 1
                 results[i] = TeacherScores(top_id[r, :n1], top_lp[r, :n1], act[r, :n1])
+            if self.on_progress is not None:
+                self.on_progress(sum(lens))
         return results  # type: ignore[return-value]

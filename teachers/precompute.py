@@ -175,17 +175,20 @@ class Precompute:
         # c+1 is scored; at most one write in flight, so memory stays bounded and order is irrelevant
         pending: Future | None = None
         with ThreadPoolExecutor(max_workers=1) as pool:
+            self._bar = bar
             for si, ci in todo:
+                self._chunk_shown = 0
                 ids, probs, flags, stats, tspace = self.process_chunk(si, ci)
                 if pending is not None:
                     new_bytes += self._finish(pending)
                 pending = pool.submit(self._write, si, ci, ids, probs, flags, stats, tspace)
                 new_rows += ids.shape[0]
-                bar.update(ids.shape[0])
+                bar.update(ids.shape[0] - self._chunk_shown)  # the rest of the chunk (the batches showed part)
                 bar.set_postfix_str(f"{new_bytes / max(new_rows - ids.shape[0], 1):.1f} B/tok")
             if pending is not None:
                 new_bytes += self._finish(pending)
         bar.close()
+        self._bar = None
         secs = time.time() - t0
         summary = {"tokens_scored": new_rows, "seconds": round(secs, 3),
                    "tokens_per_s": round(new_rows / secs, 1) if secs > 0 else 0.0}
@@ -242,7 +245,7 @@ class Precompute:
             for w in d["windows"]:
                 seqs.append(d["ttokens"][w[0]:w[1]].tolist())
                 where.append((d_i, w))
-        scores = self.backend.score(seqs, self.cfg.k) if seqs else []
+        scores = self._score(seqs, n)
         check_scores(scores, seqs, self.cfg.k)
         for (d_i, (s, _e, lo, hi)), sc in zip(where, scores):
             d = docs[d_i]
@@ -258,6 +261,31 @@ class Precompute:
         self._projected_nll(ids, probs, flags, targets, stats)
         tspace = self._teacher_space(docs) if self.cfg.keep_teacher_space else None
         return ids, probs, flags, stats, tspace
+
+    def _score(self, seqs: list[list[int]], rows: int):
+        """backend.score, advancing the progress bar within the chunk (by the share of teacher tokens
+        scored; `run` settles the chunk's exact count) when the backend reports per batch."""
+        if not seqs:
+            return []
+        bar, total = getattr(self, "_bar", None), sum(len(s) for s in seqs)
+        state = {"done": 0, "shown": 0}
+
+        def advance(n_tokens: int) -> None:
+            state["done"] += n_tokens
+            shown = min(rows, rows * state["done"] // max(total, 1))
+            if bar is not None and shown > state["shown"]:
+                bar.update(shown - state["shown"])
+                state["shown"] = shown
+
+        if hasattr(self.backend, "on_progress"):
+            self.backend.on_progress = advance
+        try:
+            scores = self.backend.score(seqs, self.cfg.k)
+        finally:
+            if hasattr(self.backend, "on_progress"):
+                self.backend.on_progress = None
+        self._chunk_shown = state["shown"]
+        return scores
 
     def _prepare(self, ds: int, de: int, row_lo: int, row_hi: int) -> dict:
         """Teacher tokens of one document and the windows needed for its student rows [row_lo, row_hi)."""
