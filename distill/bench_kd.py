@@ -27,6 +27,9 @@ REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 DEFAULT_MINUTES = 4.0
 DEFAULT_ALPHA = 0.5
 DEFAULT_TOP_K = 0  # 0 = every id the cache holds (--k)
+DEFAULT_SCHEDULE = "anneal"
+DEFAULT_TARGET_TEMPERATURE = 1.0
+SCHEDULES = ("constant", "warmup", "anneal", "warmup_anneal")
 
 
 def _num(x: float) -> str:
@@ -53,8 +56,9 @@ def _bpb_at_tokens(rows: list[dict], tokens: float) -> float | None:
 def run_bench_kd(teacher: str, train_docs: Path, val_docs: Path, workdir: Path, tokenizer: Path | None = None,
                  minutes: float = DEFAULT_MINUTES, seeds: int = 3, k: int = 32,
                  kd_alpha: float = DEFAULT_ALPHA, kd_top_k: int = DEFAULT_TOP_K,
-                 config: Path | None = None, backend: str = "hf", vocab_size: int = 1024,
-                 max_model_len: int | None = 2048) -> dict:
+                 kd_schedule: str = DEFAULT_SCHEDULE, kd_target_temperature: float = DEFAULT_TARGET_TEMPERATURE,
+                 config: Path | None = None, backend: str = "hf",
+                 vocab_size: int = 1024, max_model_len: int | None = 2048) -> dict:
     workdir.mkdir(parents=True, exist_ok=True)
     logs = workdir / "logs"
     for p in (train_docs, val_docs):
@@ -84,12 +88,18 @@ def run_bench_kd(teacher: str, train_docs: Path, val_docs: Path, workdir: Path, 
     cfg = Path(config) if config else REPO_CONFIGS / "demo_student.toml"
     data = ["--data.train_shards", train_glob, "--data.val_shards", val_glob, "--data.tokenizer", str(tok)]
     results: dict[str, list[dict]] = {"ce": [], "kd": []}
-    kd_tag = f"kd_a{_num(kd_alpha)}_k{kd_top_k or k}_m{_num(minutes)}"
+    if kd_schedule not in SCHEDULES:
+        raise DistillError(f"--kd-schedule: expected one of {', '.join(SCHEDULES)}, got {kd_schedule!r}")
+    if not kd_target_temperature > 0:
+        raise DistillError(f"--kd-target-temperature: must be positive, got {kd_target_temperature}")
+    tt = "" if kd_target_temperature == 1.0 else f"_tt{_num(kd_target_temperature)}"
+    kd_tag = f"kd_a{_num(kd_alpha)}_k{kd_top_k or k}_{kd_schedule}{tt}_m{_num(minutes)}"
     for seed in range(seeds):
         for mode in ("ce", "kd"):
             out = workdir / "runs" / (f"ce_m{_num(minutes)}_s{seed}" if mode == "ce" else f"{kd_tag}_s{seed}")
             extra = [] if mode == "ce" else ["--teacher-cache", str(workdir / "cache"), "--kd.alpha", str(kd_alpha),
-                                             "--kd.top_k", str(kd_top_k)]
+                                             "--kd.top_k", str(kd_top_k), "--kd.alpha_schedule", kd_schedule,
+                                             "--kd.target_temperature", str(kd_target_temperature)]
             if not (out / "model.safetensors").exists():
                 run_stage(f"train-{mode}-s{seed}", train_cmd(
                     "--config", str(cfg), "--out", str(out), *data, "--seed", str(seed),
@@ -125,7 +135,9 @@ def run_bench_kd(teacher: str, train_docs: Path, val_docs: Path, workdir: Path, 
         "projected_teacher_bpb": info.get("projected_teacher_bpb"),
         "aligned_fraction": info.get("aligned_fraction"),
         "settings": {"teacher": teacher, "backend": backend, "k": k, "kd_alpha": kd_alpha,
-                     "kd_top_k": kd_top_k or k, "max_model_len": max_model_len, "minutes": minutes,
+                     "kd_top_k": kd_top_k or k, "kd_schedule": kd_schedule,
+                     "kd_target_temperature": kd_target_temperature,
+                     "max_model_len": max_model_len, "minutes": minutes,
                      "seeds": seeds, "config": str(cfg), "tokenizer": str(tok), "train_docs": str(train_docs),
                      "val_docs": str(val_docs)},
         "plot": str(plot_path),
@@ -185,6 +197,12 @@ def add_subparser(sub) -> None:
                    help=f"KD weight alpha (default {DEFAULT_ALPHA:g}, the sweep's best)")
     p.add_argument("--kd-top-k", type=int, default=DEFAULT_TOP_K,
                    help="k_s: KL over each row's top k_s cached ids (default: all --k)")
+    p.add_argument("--kd-schedule", default=DEFAULT_SCHEDULE, choices=list(SCHEDULES),
+                   help=f"alpha schedule over the wall-clock budget (default {DEFAULT_SCHEDULE}; anneal = toward CE "
+                        "over the last 20%%)")
+    p.add_argument("--kd-target-temperature", type=float, default=DEFAULT_TARGET_TEMPERATURE,
+                   help="smooth the teacher's stored mass by this temperature (student untempered; default "
+                        f"{DEFAULT_TARGET_TEMPERATURE:g})")
     p.add_argument("--config", type=Path, default=None, help="student config (default configs/demo_student.toml)")
     p.add_argument("--backend", default="hf", choices=["hf", "vllm"])
     p.add_argument("--max-model-len", type=int, default=2048,
@@ -198,7 +216,8 @@ def add_subparser(sub) -> None:
 def _cmd(args) -> int:
     r = run_bench_kd(args.teacher, args.train_docs, args.val_docs, args.workdir, tokenizer=args.tokenizer,
                      minutes=args.minutes, seeds=args.seeds, k=args.k, kd_alpha=args.kd_alpha,
-                     kd_top_k=args.kd_top_k, config=args.config,
+                     kd_top_k=args.kd_top_k, kd_schedule=args.kd_schedule,
+                     kd_target_temperature=args.kd_target_temperature, config=args.config,
                      backend=args.backend, max_model_len=args.max_model_len)
     print_table(r)
     print(f"plot: {r['plot']}", file=sys.stderr)

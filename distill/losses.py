@@ -63,13 +63,15 @@ class KDTargets:
 
 @torch.no_grad()
 def prepare_targets(targets: torch.Tensor, ids: torch.Tensor, probs: torch.Tensor, residual: torch.Tensor,
-                    temperature: float = 1.0, top_k: int = 0) -> KDTargets:
+                    temperature: float = 1.0, top_k: int = 0, target_temperature: float = 1.0) -> KDTargets:
     """Teacher rows -> KDTargets. Slots with probability 0 (padding in rows with fewer than k candidates)
     are masked out on both sides, so a repeated padding id cannot double-count student mass.
     `top_k` > 0 keeps only each row's top_k most probable stored ids and moves the rest of their mass into
-    the residual bucket: one cache at k serves every k_s <= k (the k_s sweep)."""
-    if temperature <= 0:
-        raise ValueError(f"temperature must be positive, got {temperature}")
+    the residual bucket: one cache at k serves every k_s <= k (the k_s sweep).
+    `target_temperature` != 1 smooths the TARGET only (the student stays at τ = 1): the stored mass is
+    tempered within itself, q_j ∝ q_j^{1/τ_t} with Σ q_j kept, the residual unchanged."""
+    if temperature <= 0 or target_temperature <= 0:
+        raise ValueError(f"temperatures must be positive, got {temperature}, {target_temperature}")
     if top_k and top_k < ids.shape[1]:
         q_all = probs.float()
         q_keep, pos = torch.topk(q_all, int(top_k), dim=1)
@@ -79,9 +81,10 @@ def prepare_targets(targets: torch.Tensor, ids: torch.Tensor, probs: torch.Tenso
     present = q > 0
     has = present.any(dim=1)
     r = torch.where(has, residual.float().clamp(0.0, 1.0), torch.ones_like(residual, dtype=torch.float32))
-    if temperature != 1.0:  # temper the stored mass within itself; the residual keeps its mass (see top)
-        qt = torch.where(present, q, torch.ones_like(q)).pow(1.0 / temperature) * present
-        q = qt / qt.sum(dim=1, keepdim=True).clamp_min(1e-30) * q.sum(dim=1, keepdim=True)
+    for tau in (target_temperature, temperature):  # temper the stored mass within itself; the residual keeps its
+        if tau != 1.0:                            # mass (see top)
+            qt = torch.where(present, q, torch.ones_like(q)).pow(1.0 / tau) * present
+            q = qt / qt.sum(dim=1, keepdim=True).clamp_min(1e-30) * q.sum(dim=1, keepdim=True)
     neg_entropy = torch.xlogy(q, q).sum(dim=1) + torch.xlogy(r, r)
     index = torch.cat((targets.long().reshape(-1, 1), ids.long()), dim=1)
     return KDTargets(index, q, present.float(), r, has.float(), neg_entropy, temperature)

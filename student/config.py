@@ -77,6 +77,9 @@ class KDConfig:
     teacher_cache: str = ""  # empty = plain CE training
     alpha: float = 0.5
     temperature: float = 1.0
+    # teacher-side smoothing: the stored top-k mass is tempered by this within itself (student untempered).
+    # > 1 flattens the target toward what a far smaller student can fit (the capacity gap); 1 = off.
+    target_temperature: float = 1.0
     top_k: int = 0  # KL over each row's top_k stored ids (0 = all the cache holds); the rest -> residual
     alpha_schedule: str = "constant"  # constant | warmup | anneal | warmup_anneal
     alpha_warmup_frac: float = 0.05  # α ramps 0 -> alpha over the first fraction of the budget
@@ -260,6 +263,8 @@ def validate(cfg: RunConfig) -> None:
         raise DistillError(f"kd.top_k: must be >= 0, got {k.top_k}")
     if k.temperature <= 0:
         raise DistillError(f"kd.temperature: must be positive, got {k.temperature}")
+    if k.target_temperature <= 0:
+        raise DistillError(f"kd.target_temperature: must be positive, got {k.target_temperature}")
     if t.qat_bits not in (2, 3, 4, 5, 6, 7, 8):
         raise DistillError(f"train.qat_bits: must be in 2..8, got {t.qat_bits}")
 

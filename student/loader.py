@@ -89,7 +89,7 @@ class DistributedLoader:
     def __init__(self, pattern: str, seq_len: int, local_tokens: int, rank: int = 0, world_size: int = 1,
                  cache_dir: str | None = None, tokenizer_path: str | None = None, vocab_size: int | None = None,
                  prefetch: int = 4, pin_memory: bool = False, state: dict | None = None,
-                 temperature: float = 1.0, top_k: int = 0):
+                 temperature: float = 1.0, top_k: int = 0, target_temperature: float = 1.0):
         if local_tokens % seq_len:
             raise DistillError(f"train.batch_tokens: per-rank micro-batch of {local_tokens} tokens is not a "
                                f"multiple of seq_len {seq_len}")
@@ -105,6 +105,7 @@ class DistributedLoader:
         self.vocab_size = vocab_size
         self.pin = pin_memory
         self.temperature = temperature
+        self.target_temperature = float(target_temperature)
         self.top_k = int(top_k)
         self.cache, self.cache_index = (None, None)
         if cache_dir:
@@ -160,7 +161,8 @@ class DistributedLoader:
             probs = torch.from_numpy(np.ascontiguousarray(np.concatenate([r[1] for r in rows]), np.float32))
             residual = torch.from_numpy(np.ascontiguousarray(np.concatenate([r[2] for r in rows]), np.float32))
             # the teacher-only part of the loss is computed here, off the training step's critical path
-            batch.kd = prepare_targets(y.reshape(-1), ids, probs, residual, self.temperature, self.top_k)
+            batch.kd = prepare_targets(y.reshape(-1), ids, probs, residual, self.temperature, self.top_k,
+                                       target_temperature=self.target_temperature)
         if self.pin:
             batch = batch.pin_memory()
         return batch

@@ -152,3 +152,26 @@ def test_top_k_truncation_equals_a_cache_of_fewer_ids(gen):
     full = kd_loss_prepared(logits, prepare_targets(targets, ids_s, probs_s, residual, top_k=K), 0.7)
     ref_full = _reference(logits, targets, ids, probs, residual, 0.7)
     assert abs(float(full[0]) - float(ref_full[0])) < 1e-5
+
+
+def test_target_temperature_smooths_the_teacher_only(gen):
+    """target_temperature τ_t: the loss equals the plain (student τ = 1) loss on a cache whose stored
+    probabilities were tempered by τ_t within their own mass (float64, by hand), residual unchanged;
+    the target gets flatter (higher entropy) and its stored mass is kept."""
+    from distill.losses import kd_loss_prepared, prepare_targets
+
+    ids, probs, residual, _p = _teacher(gen)
+    logits = torch.randn(N, V, generator=gen)
+    targets = torch.randint(0, V, (N,), generator=gen)
+    q = probs.double()
+    qt = q ** 0.5
+    q_smooth = (qt / qt.sum(-1, keepdim=True) * q.sum(-1, keepdim=True)).float()
+    want = _reference(logits, targets, ids, q_smooth, residual, 0.6)
+    t = prepare_targets(targets, ids, probs, residual, target_temperature=2.0)
+    got = kd_loss_prepared(logits, t, 0.6)
+    for g, w in zip(got, want):
+        assert abs(float(g) - float(w)) < 1e-5
+    assert torch.allclose(t.q.sum(-1), probs.sum(-1), atol=1e-6)
+    ent = lambda a: -(a * a.clamp_min(1e-30).log()).sum(-1)
+    assert bool((ent(t.q.double()) >= ent(probs.double()) - 1e-6).all())
+    assert t.temperature == 1.0
