@@ -296,3 +296,31 @@ def test_fit_coarsens_the_embedding_too(ckpt, tmp_path):
     assert r["rd_mode"] == "fit" and r["artifact_bytes"] <= int(0.6 * first["artifact_bytes"])
     emb = {t["name"]: t for t in r["tensors"]}["tok_emb.weight"]
     assert emb["clip"] != "absmax*1" and emb["rd_est_bits_per_value"] < 6.5
+
+
+def test_auto_method_picks_gptq_from_the_checkpoints_training_shards(ckpt, tmp_path):
+    """--method auto (default): 8 bits -> rtn; below 8 bits -> gptq calibrated on the checkpoint's own
+    data.train_shards when config.json names readable ones, rtn when it does not."""
+    import shutil
+
+    from distill.pack import auto_method
+
+    rng = np.random.default_rng(1)
+    write_shard(tmp_path / "fineweb_train_000000.bin", rng.integers(0, SMALL["vocab_size"], 5000))
+    d = tmp_path / "ck"
+    shutil.copytree(ckpt[0], d)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg.setdefault("data", {})["train_shards"] = str(tmp_path / "fineweb_train_*.bin")
+    (d / "config.json").write_text(json.dumps(cfg))
+    assert auto_method(d, 8, False, 1024) == "rtn"
+    assert auto_method(d, 6, True, 1024) == "gptq"
+    toks = auto_method(d, 6, False, 1024)
+    assert isinstance(toks, np.ndarray) and len(toks) == 1024
+    p = run_cli("pack", str(d), "--out", str(tmp_path / "a.art"), "--bits", "6", "--calib-tokens", "2048",
+                "--calib-seq-len", "64", "--codec", "zstd", "--json")
+    assert p.returncode == 0, p.stderr
+    rep = json.loads(p.stdout.strip().splitlines()[-1])
+    assert rep["method"] == "gptq" and rep["calib_tokens"] > 0
+    cfg["data"]["train_shards"] = str(tmp_path / "gone_*.bin")
+    (d / "config.json").write_text(json.dumps(cfg))
+    assert auto_method(d, 6, False, 1024) == "rtn"
