@@ -193,7 +193,8 @@ def _plot(results: dict, path: Path, info: dict) -> None:
                 ev = _evals(r["rows"])
                 if len(ev[0]):
                     ax.plot(ev[x_of], ev[2], color=color, alpha=0.8, marker="o", ms=3,
-                            label=f"{mode.upper()} ({len(results[mode])} seeds)" if i == 0 else None)
+                            label=f"{mode.upper()} ({len(results[mode])} seed{'s' * (len(results[mode]) != 1)})"
+                            if i == 0 else None)
         ax.set_xlabel(xlabel)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("val bpb (periodic eval subset)")
