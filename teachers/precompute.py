@@ -175,20 +175,23 @@ class Precompute:
         # c+1 is scored; at most one write in flight, so memory stays bounded and order is irrelevant
         pending: Future | None = None
         with ThreadPoolExecutor(max_workers=1) as pool:
-            self._bar = bar
             for si, ci in todo:
-                self._chunk_shown = 0
-                ids, probs, flags, stats, tspace = self.process_chunk(si, ci)
+                shown = [0]  # rows of this chunk the bar already shows (advanced per teacher batch)
+
+                def advance(rows: int, shown=shown) -> None:
+                    bar.update(rows)
+                    shown[0] += rows
+
+                ids, probs, flags, stats, tspace = self.process_chunk(si, ci, advance)
                 if pending is not None:
                     new_bytes += self._finish(pending)
                 pending = pool.submit(self._write, si, ci, ids, probs, flags, stats, tspace)
                 new_rows += ids.shape[0]
-                bar.update(ids.shape[0] - self._chunk_shown)  # the rest of the chunk (the batches showed part)
+                bar.update(ids.shape[0] - shown[0])  # the rest of the chunk
                 bar.set_postfix_str(f"{new_bytes / max(new_rows - ids.shape[0], 1):.1f} B/tok")
             if pending is not None:
                 new_bytes += self._finish(pending)
         bar.close()
-        self._bar = None
         secs = time.time() - t0
         summary = {"tokens_scored": new_rows, "seconds": round(secs, 3),
                    "tokens_per_s": round(new_rows / secs, 1) if secs > 0 else 0.0}
@@ -222,7 +225,7 @@ class Precompute:
                                "fix it and rerun the same command to resume") from None
 
     # ------------------------------------------------------------------ one chunk
-    def process_chunk(self, si: int, ci: int):
+    def process_chunk(self, si: int, ci: int, progress=None):
         """Targets of chunk (si, ci): ids [n,k_s], probs [n,k_s], flags [n], stats, teacher-space bytes."""
         off = int(self.stream.offsets[si])
         shard_end = off + self.stream.sizes[si]
@@ -245,7 +248,7 @@ class Precompute:
             for w in d["windows"]:
                 seqs.append(d["ttokens"][w[0]:w[1]].tolist())
                 where.append((d_i, w))
-        scores = self._score(seqs, n)
+        scores = self._score(seqs, n, progress)
         check_scores(scores, seqs, self.cfg.k)
         for (d_i, (s, _e, lo, hi)), sc in zip(where, scores):
             d = docs[d_i]
@@ -262,30 +265,27 @@ class Precompute:
         tspace = self._teacher_space(docs) if self.cfg.keep_teacher_space else None
         return ids, probs, flags, stats, tspace
 
-    def _score(self, seqs: list[list[int]], rows: int):
-        """backend.score, advancing the progress bar within the chunk (by the share of teacher tokens
-        scored; `run` settles the chunk's exact count) when the backend reports per batch."""
+    def _score(self, seqs: list[list[int]], rows: int, progress=None):
+        """backend.score; when the backend reports per batch (`on_progress`), `progress(r)` is called with the
+        chunk rows that the teacher tokens scored so far stand for (the caller settles the exact count)."""
         if not seqs:
             return []
-        bar, total = getattr(self, "_bar", None), sum(len(s) for s in seqs)
-        state = {"done": 0, "shown": 0}
+        if progress is None or not hasattr(self.backend, "on_progress"):
+            return self.backend.score(seqs, self.cfg.k)
+        total, state = sum(len(s) for s in seqs), {"done": 0, "shown": 0}
 
         def advance(n_tokens: int) -> None:
             state["done"] += n_tokens
             shown = min(rows, rows * state["done"] // max(total, 1))
-            if bar is not None and shown > state["shown"]:
-                bar.update(shown - state["shown"])
+            if shown > state["shown"]:
+                progress(shown - state["shown"])
                 state["shown"] = shown
 
-        if hasattr(self.backend, "on_progress"):
-            self.backend.on_progress = advance
+        self.backend.on_progress = advance
         try:
-            scores = self.backend.score(seqs, self.cfg.k)
+            return self.backend.score(seqs, self.cfg.k)
         finally:
-            if hasattr(self.backend, "on_progress"):
-                self.backend.on_progress = None
-        self._chunk_shown = state["shown"]
-        return scores
+            self.backend.on_progress = None
 
     def _prepare(self, ds: int, de: int, row_lo: int, row_hi: int) -> dict:
         """Teacher tokens of one document and the windows needed for its student rows [row_lo, row_hi)."""
