@@ -1,11 +1,16 @@
 """`distill bench kd` — does distillation pay? CE-only vs KD students at equal wall-clock, several seeds.
 
+Each seed's CE and KD students train side by side by default, each pinned to half the cores: outside load
+on a shared machine then slows both alike, and "equal wall-clock" stays equal compute (run one after the
+other, one loaded run once lost 22 % of its steps). `--sequential` trains them one after the other on all
+cores (separate run dirs: the compute per run differs).
+
 Workdir layout (every stage is reused when its output exists, so a rerun resumes):
   tokenizer.model            student tokenizer (challenge spec; or --tokenizer)
   train/ val/                challenge-format shards of --train-docs / --val-docs (val docs never trained on)
   cache/  cache_val/         teacher targets on the train shards (KD) and on the val shards (teacher bpb)
-  runs/ce_m{M}_s{seed}/      CE student checkpoints + metrics.jsonl (reused by every KD setting)
-  runs/kd_a{α}_k{k_s}_{schedule}[_tt{τ_t}]_m{M}_s{seed}/   KD students, one directory per setting (a sweep
+  runs/ce_m{M}[_sbs]_s{seed}/   CE student checkpoints + metrics.jsonl (reused by every KD setting)
+  runs/kd_a{α}_k{k_s}_{schedule}[_tt{τ_t}]_m{M}[_sbs]_s{seed}/   KD students, one directory per setting (a sweep
                              shares the workdir and its CE runs)
   kd_vs_ce.png, result.json  the latest invocation; result_{kd tag}.json keeps each setting's result
 """
@@ -21,14 +26,15 @@ import numpy as np
 
 from distill.errors import DistillError
 from distill.fsutil import write_json_atomic
-from distill.runner import distill_cmd, run_stage, train_cmd
+from distill.runner import distill_cmd, run_side_by_side, run_stage, split_cores, train_cmd
 
 REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-# defaults: the sweep in docs/RESULTS.md (alpha 0.5 anneal ~ alpha 0.9 constant; target smoothing hurt)
-DEFAULT_MINUTES = 4.0
+# defaults: the sweeps in docs/RESULTS.md (12 min side by side: alpha 0.5 constant beat anneal and alpha 0.9;
+# at ~10 epochs of the data, annealing toward CE at the end lets CE re-memorise the one-hot labels)
+DEFAULT_MINUTES = 12.0
 DEFAULT_ALPHA = 0.5
 DEFAULT_TOP_K = 0  # 0 = every id the cache holds (--k)
-DEFAULT_SCHEDULE = "anneal"
+DEFAULT_SCHEDULE = "constant"
 DEFAULT_TARGET_TEMPERATURE = 1.0
 NOISE_RATIO = 1.10
 SCHEDULES = ("constant", "warmup", "anneal", "warmup_anneal")
@@ -60,7 +66,7 @@ def run_bench_kd(teacher: str, train_docs: Path, val_docs: Path, workdir: Path, 
                  kd_alpha: float = DEFAULT_ALPHA, kd_top_k: int = DEFAULT_TOP_K,
                  kd_schedule: str = DEFAULT_SCHEDULE, kd_target_temperature: float = DEFAULT_TARGET_TEMPERATURE,
                  config: Path | None = None, backend: str = "hf",
-                 vocab_size: int = 1024, max_model_len: int | None = 2048) -> dict:
+                 vocab_size: int = 1024, max_model_len: int | None = 2048, sequential: bool = False) -> dict:
     workdir.mkdir(parents=True, exist_ok=True)
     logs = workdir / "logs"
     for p in (train_docs, val_docs):
@@ -96,16 +102,27 @@ def run_bench_kd(teacher: str, train_docs: Path, val_docs: Path, workdir: Path, 
         raise DistillError(f"--kd-target-temperature: must be positive, got {kd_target_temperature}")
     tt = "" if kd_target_temperature == 1.0 else f"_tt{_num(kd_target_temperature)}"
     kd_tag = f"kd_a{_num(kd_alpha)}_k{kd_top_k or k}_{kd_schedule}{tt}_m{_num(minutes)}"
+    halves = None if sequential else split_cores(2)
+    lay = "" if halves is None else "_sbs"  # side-by-side runs get their own dirs: half the cores each
+    kd_tag += lay
     for seed in range(seeds):
+        todo = []
         for mode in ("ce", "kd"):
-            out = workdir / "runs" / (f"ce_m{_num(minutes)}_s{seed}" if mode == "ce" else f"{kd_tag}_s{seed}")
+            out = workdir / "runs" / (f"ce_m{_num(minutes)}{lay}_s{seed}" if mode == "ce" else f"{kd_tag}_s{seed}")
             extra = [] if mode == "ce" else ["--teacher-cache", str(workdir / "cache"), "--kd.alpha", str(kd_alpha),
                                              "--kd.top_k", str(kd_top_k), "--kd.alpha_schedule", kd_schedule,
                                              "--kd.target_temperature", str(kd_target_temperature)]
             if not (out / "model.safetensors").exists():
-                run_stage(f"train-{mode}-s{seed}", train_cmd(
+                todo.append((mode, (f"train-{mode}-s{seed}", train_cmd(
                     "--config", str(cfg), "--out", str(out), *data, "--seed", str(seed),
-                    "--train.max_wallclock_s", str(minutes * 60), *extra), logs / f"{mode}_s{seed}.log")
+                    "--train.max_wallclock_s", str(minutes * 60), *extra), logs / f"{mode}{lay}_s{seed}.log")))
+        if halves is None:
+            for _, stage in todo:
+                run_stage(*stage)
+        elif todo:  # CE on one half of the cores, KD on the other, at the same time
+            run_side_by_side([stage for _, stage in todo], [halves[0 if m == "ce" else 1] for m, _ in todo])
+        for mode in ("ce", "kd"):
+            out = workdir / "runs" / (f"ce_m{_num(minutes)}{lay}_s{seed}" if mode == "ce" else f"{kd_tag}_s{seed}")
             seq_len = int(json.loads((out / "config.json").read_text())["train"]["seq_len"])
             score = _score(out, tok, val_glob, seq_len, logs / f"score_{mode}_s{seed}.log", f"score-{mode}-s{seed}")
             rows = _read_metrics(out)
@@ -151,6 +168,8 @@ def run_bench_kd(teacher: str, train_docs: Path, val_docs: Path, workdir: Path, 
                      "kd_top_k": kd_top_k or k, "kd_schedule": kd_schedule,
                      "kd_target_temperature": kd_target_temperature,
                      "max_model_len": max_model_len, "minutes": minutes,
+                     "layout": "sequential" if halves is None else "side-by-side",
+                     "cores_per_run": None if halves is None else len(halves[0]),
                      "seeds": seeds, "config": str(cfg), "tokenizer": str(tok), "train_docs": str(train_docs),
                      "val_docs": str(val_docs)},
         "plot": str(plot_path),
@@ -243,6 +262,9 @@ def add_subparser(sub) -> None:
     p.add_argument("--max-model-len", type=int, default=2048,
                    help="teacher window in teacher tokens (default 2048: SmolLM2's training context; longer windows "
                         "cost attention time on CPU)")
+    p.add_argument("--sequential", action="store_true",
+                   help="train CE and KD one after the other on all cores (default: side by side, each pinned to "
+                        "half the cores, so outside load on a shared machine hits both alike)")
     p.add_argument("--workdir", required=True, type=Path)
     p.add_argument("--json", action="store_true", help="print the result as one JSON line last")
     p.set_defaults(func=_cmd)
@@ -253,7 +275,7 @@ def _cmd(args) -> int:
                      minutes=args.minutes, seeds=args.seeds, k=args.k, kd_alpha=args.kd_alpha,
                      kd_top_k=args.kd_top_k, kd_schedule=args.kd_schedule,
                      kd_target_temperature=args.kd_target_temperature, config=args.config,
-                     backend=args.backend, max_model_len=args.max_model_len)
+                     backend=args.backend, max_model_len=args.max_model_len, sequential=args.sequential)
     print_table(r)
     print(f"plot: {r['plot']}", file=sys.stderr)
     if args.json:

@@ -51,5 +51,46 @@ def run_stage(name: str, cmd: list[str], log_path: Path, json_last: bool = False
     return {"_seconds": dt}
 
 
+def run_side_by_side(stages: list[tuple[str, list[str], Path]], cpus: list[list[int]]) -> list[dict]:
+    """Run `stages` (name, cmd, log) at the same time, stage i pinned to the cores `cpus[i]` with as many
+    compute threads, so concurrent runs share the machine (and any outside load on it) evenly — the fair way
+    to compare two trainings at equal wall-clock on a shared box. Waits for all; a failure names its stage
+    (the others are stopped)."""
+    procs = []
+    t0 = time.time()
+    try:
+        for (name, cmd, log_path), cores in zip(stages, cpus):
+            log_path.parent.mkdir(parents=True, exist_ok=True)
+            n = str(len(cores))
+            env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n}
+            print(f"[{name}] (cores {','.join(map(str, cores))}) $ {' '.join(_short(c) for c in cmd)}",
+                  file=sys.stderr, flush=True)
+            log = open(log_path, "w")
+            pre = (lambda c=tuple(cores): os.sched_setaffinity(0, c)) if hasattr(os, "sched_setaffinity") else None
+            procs.append((name, log_path, log, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                                                text=True, env=env, preexec_fn=pre)))
+        for name, log_path, log, proc in procs:
+            rc = proc.wait()
+            log.close()
+            if rc != 0:
+                tail = log_path.read_text().strip().splitlines()[-5:]
+                raise DistillError(f"stage '{name}' failed (exit {rc}, log {log_path}): " + " | ".join(tail)[-600:])
+            print(f"[{name}] done in {time.time() - t0:.1f}s", file=sys.stderr, flush=True)
+    finally:
+        for _, _, log, proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            log.close()
+    return [{"_seconds": time.time() - t0} for _ in stages]
+
+
+def split_cores(parts: int = 2) -> list[list[int]] | None:
+    """This process's usable cores cut into `parts` equal groups (None when there are too few)."""
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+    per = len(cores) // parts
+    return [cores[i * per:(i + 1) * per] for i in range(parts)] if per >= 1 else None
+
+
 def _short(s: str) -> str:
     return s if len(s) < 90 else s[:40] + "…" + s[-40:]
