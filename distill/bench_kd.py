@@ -105,26 +105,33 @@ def run_bench_kd(teacher: str, train_docs: Path, val_docs: Path, workdir: Path, 
     halves = None if sequential else split_cores(2)
     lay = "" if halves is None else "_sbs"  # side-by-side runs get their own dirs: half the cores each
     kd_tag += lay
+
+    def run_dir(mode: str, seed: int) -> Path:
+        return workdir / "runs" / (f"ce_m{_num(minutes)}{lay}_s{seed}" if mode == "ce" else f"{kd_tag}_s{seed}")
+
     for seed in range(seeds):
         todo = []
         for mode in ("ce", "kd"):
-            out = workdir / "runs" / (f"ce_m{_num(minutes)}{lay}_s{seed}" if mode == "ce" else f"{kd_tag}_s{seed}")
+            out = run_dir(mode, seed)
             extra = [] if mode == "ce" else ["--teacher-cache", str(workdir / "cache"), "--kd.alpha", str(kd_alpha),
                                              "--kd.top_k", str(kd_top_k), "--kd.alpha_schedule", kd_schedule,
                                              "--kd.target_temperature", str(kd_target_temperature)]
             if not (out / "model.safetensors").exists():
                 todo.append((mode, (f"train-{mode}-s{seed}", train_cmd(
                     "--config", str(cfg), "--out", str(out), *data, "--seed", str(seed),
-                    "--train.max_wallclock_s", str(minutes * 60), *extra), logs / f"{mode}{lay}_s{seed}.log")))
+                    "--train.max_wallclock_s", str(minutes * 60), *extra), logs / f"{out.name}.log")))
         if halves is None:
             for _, stage in todo:
                 run_stage(*stage)
-        elif todo:  # CE on one half of the cores, KD on the other, at the same time
-            run_side_by_side([stage for _, stage in todo], [halves[0 if m == "ce" else 1] for m, _ in todo])
+        elif todo:  # CE on one half of the cores, KD on the other, at the same time; the halves swap every
+            # other seed, so a slower core (interrupts, a neighbour pinned there) does not always hit one side
+            ce_half = seed % 2
+            run_side_by_side([stage for _, stage in todo], [halves[ce_half if m == "ce" else 1 - ce_half]
+                                                            for m, _ in todo])
         for mode in ("ce", "kd"):
-            out = workdir / "runs" / (f"ce_m{_num(minutes)}{lay}_s{seed}" if mode == "ce" else f"{kd_tag}_s{seed}")
+            out = run_dir(mode, seed)
             seq_len = int(json.loads((out / "config.json").read_text())["train"]["seq_len"])
-            score = _score(out, tok, val_glob, seq_len, logs / f"score_{mode}_s{seed}.log", f"score-{mode}-s{seed}")
+            score = _score(out, tok, val_glob, seq_len, logs / f"score_{out.name}.log", f"score-{mode}-s{seed}")
             rows = _read_metrics(out)
             steps = [r for r in rows if "step_ms" in r]
             results[mode].append({"seed": seed, "val_bpb": score["val_bpb"], "val_loss": score["val_loss"],
