@@ -30,15 +30,13 @@ def run_stage(name: str, cmd: list[str], log_path: Path, json_last: bool = False
     full_env = {**os.environ, **(env or {})}
     full_env.setdefault("PYTHONUNBUFFERED", "1")
     if echo:
-        print(f"[{name}] $ {' '.join(_short(c) for c in cmd)}", file=sys.stderr, flush=True)
+        _echo(name, cmd)
     with open(log_path, "w") as log:
         proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=log, text=True, env=full_env)
         log.write(proc.stdout)
     dt = time.time() - t0
     if proc.returncode != 0:
-        tail = log_path.read_text().strip().splitlines()[-5:]
-        raise DistillError(f"stage '{name}' failed (exit {proc.returncode}, log {log_path}): "
-                           + " | ".join(tail)[-600:])
+        raise _failed(name, proc.returncode, log_path)
     if echo:
         print(f"[{name}] done in {dt:.1f}s", file=sys.stderr, flush=True)
     if json_last:
@@ -51,7 +49,7 @@ def run_stage(name: str, cmd: list[str], log_path: Path, json_last: bool = False
     return {"_seconds": dt}
 
 
-def run_side_by_side(stages: list[tuple[str, list[str], Path]], cpus: list[list[int]]) -> list[dict]:
+def run_side_by_side(stages: list[tuple[str, list[str], Path]], cpus: list[list[int]]) -> None:
     """Run `stages` (name, cmd, log) at the same time, stage i pinned to the cores `cpus[i]` with as many
     compute threads, so concurrent runs share the machine (and any outside load on it) evenly — the fair way
     to compare two trainings at equal wall-clock on a shared box. Waits for all; a failure names its stage
@@ -63,26 +61,20 @@ def run_side_by_side(stages: list[tuple[str, list[str], Path]], cpus: list[list[
             log_path.parent.mkdir(parents=True, exist_ok=True)
             n = str(len(cores))
             env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n}
-            print(f"[{name}] (cores {','.join(map(str, cores))}) $ {' '.join(_short(c) for c in cmd)}",
-                  file=sys.stderr, flush=True)
-            log = open(log_path, "w")
-            pre = (lambda c=tuple(cores): os.sched_setaffinity(0, c)) if hasattr(os, "sched_setaffinity") else None
-            procs.append((name, log_path, log, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
-                                                                text=True, env=env, preexec_fn=pre)))
-        for name, log_path, log, proc in procs:
-            rc = proc.wait()
-            log.close()
-            if rc != 0:
-                tail = log_path.read_text().strip().splitlines()[-5:]
-                raise DistillError(f"stage '{name}' failed (exit {rc}, log {log_path}): " + " | ".join(tail)[-600:])
+            _echo(name, cmd, f" (cores {','.join(map(str, cores))})")
+            pin = (lambda c=tuple(cores): os.sched_setaffinity(0, c)) if hasattr(os, "sched_setaffinity") else None
+            with open(log_path, "w") as log:  # the child keeps its own handle
+                procs.append((name, log_path, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                                               env=env, preexec_fn=pin)))
+        for name, log_path, proc in procs:
+            if proc.wait() != 0:
+                raise _failed(name, proc.returncode, log_path)
             print(f"[{name}] done in {time.time() - t0:.1f}s", file=sys.stderr, flush=True)
     finally:
-        for _, _, log, proc in procs:
+        for _, _, proc in procs:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
-            log.close()
-    return [{"_seconds": time.time() - t0} for _ in stages]
 
 
 def split_cores(parts: int = 2) -> list[list[int]] | None:
@@ -90,6 +82,15 @@ def split_cores(parts: int = 2) -> list[list[int]] | None:
     cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
     per = len(cores) // parts
     return [cores[i * per:(i + 1) * per] for i in range(parts)] if per >= 1 else None
+
+
+def _echo(name: str, cmd: list[str], where: str = "") -> None:
+    print(f"[{name}]{where} $ {' '.join(_short(c) for c in cmd)}", file=sys.stderr, flush=True)
+
+
+def _failed(name: str, rc: int, log_path: Path) -> DistillError:
+    tail = log_path.read_text().strip().splitlines()[-5:]
+    return DistillError(f"stage '{name}' failed (exit {rc}, log {log_path}): " + " | ".join(tail)[-600:])
 
 
 def _short(s: str) -> str:
