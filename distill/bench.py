@@ -1,11 +1,18 @@
 """`distill bench …` — measured comparisons. Each benchmark lives in its own module and registers a
-sub-subcommand: kd (distill/bench_kd.py), overhead (distill/bench_overhead.py), pack (distill/bench_pack.py)."""
+sub-subcommand: kd (distill/bench_kd.py), overhead (distill/bench_overhead.py), pack (distill/bench_pack.py), loader
+(distill/bench_loader.py), precompute (distill/bench_precompute.py)."""
 
 from __future__ import annotations
 
 import importlib
 
-BENCH_MODULES = ["distill.bench_kd", "distill.bench_overhead", "distill.bench_pack"]
+BENCH_MODULES = [
+    "distill.bench_kd",
+    "distill.bench_overhead",
+    "distill.bench_pack",
+    "distill.bench_loader",      # distill bench loader (issue 11)
+    "distill.bench_precompute",  # distill bench precompute (issue 11)
+]
 
 
 def add_parser(subparsers) -> None:

@@ -1,4 +1,4 @@
-"""Teacher targets in student space: the on-disk cache the trainer reads (format `distill-cache` v1).
+"""Teacher targets in student space: the on-disk cache the trainer reads (format `distill-cache` v1 and v2).
 
 Layout of a cache directory:
   manifest.json                    written last (its presence = the cache is complete): format version,
@@ -6,17 +6,29 @@ Layout of a cache directory:
                                    token shard names/sizes/sha256, projection version, chunk layout, stats
   chunks/s{shard:05d}/c{chunk:06d}.dkc   rows [chunk*chunk_rows, ...) of student shard `shard`
 
-Row i of shard s is the target distribution for token i+1 of that shard: `k` student ids, their
+Row i of shard s is the target distribution for token i+1 of that shard: up to `k` student ids, their
 probabilities, and the residual mass 1 - sum(probs) (everything else). Rows without a target (the shard's
-last token, a token followed by BOS) have probs all 0 and residual 1.
+last token, a token followed by BOS) have probs all 0 and residual 1. Slots with probability 0 are padding.
 
-Chunk file (no pickles): b"DKCH" | uint32 version | uint32 header_len | header JSON | zstd frame.
-The frame holds, for R rows: flags uint8[R], then byte planes of the id deltas and the probability codes
-(each a uint16 [R, k] array, transposed, low bytes then high bytes) — ids are sorted per row and
-delta-coded so zstd sees small numbers; probabilities are stored as code = round(sqrt(p) * (2^bits-1)),
-which bounds the absolute error by sqrt(p) / 2^bits (<= 2.5e-4 at 12 bits) while keeping relative precision
-for small p. Codes are adjusted so that the dequantised row never sums above 1, and the residual is
-recomputed on read as 1 - sum(dequantised probs), so probs + residual = 1 to float32 rounding.
+Chunk file (no pickles): b"DKCH" | uint32 version | uint32 header_len | header JSON | zstd frame(s).
+Readers accept both versions; writers write v2 unless asked for v1 (`format_version=1`).
+
+v1 (one frame): flags uint8[R], then byte planes of the id deltas and of the probability codes (each a
+uint16 [R, k] array, transposed, low bytes then high bytes) — ids sorted per row and delta-coded;
+code = round(sqrt(p) * (2^bits-1)). ~31 B/token at k=16 on real targets.
+
+v2 (one zstd frame per block of `block_rows` rows, so a span decodes only the blocks it touches; each
+block's size and sha256 are in the header): flags uint8[n] | id low bytes uint8[n, k] | id high bytes
+uint8[n, k] | code deltas uint8[n, k], all row-major (zstd finds repeated contexts as repeated rows).
+Slots are ordered by probability, largest first; entries with p < min_prob (default 1e-3) are dropped into
+the residual (per-row adaptive k), and each kept p is a log code c in 1..levels (default 127):
+log p = log(min_prob) * (1 - (c-1)/(levels-1)), relative error <= 2.8 %; c = 0 is an empty slot (id 0).
+Codes are non-increasing along a row and stored as differences (c0, c0-c1, ...). ~16 B/token at k=16.
+
+Both versions: codes are adjusted so that the dequantised row never sums above 1, and the residual is
+recomputed on read as 1 - sum(dequantised probs), so probs + residual = 1 to float32 rounding. Every zstd
+frame is decompressed only after its declared content size has been checked against rows and k, and
+decompression is capped at that size: a corrupt or hostile chunk is a one-line DistillError naming the file.
 """
 
 from __future__ import annotations
@@ -34,12 +46,18 @@ from distill.errors import DistillError
 from distill.fsutil import sha256_bytes, sha256_file, write_bytes_atomic, write_json_atomic
 
 FORMAT = "distill-cache"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # what writers write by default
+READ_VERSIONS = (1, 2)
 CHUNK_MAGIC = b"DKCH"
-CHUNK_VERSION = 1
+CHUNK_VERSION = 2
 DEFAULT_CHUNK_ROWS = 65536
-DEFAULT_PROB_BITS = 12
+DEFAULT_PROB_BITS = 12  # v1 only
 DEFAULT_ZSTD_LEVEL = 12
+DEFAULT_MIN_PROB = 1e-3  # v2: stored entries below this go into the residual
+DEFAULT_LEVELS = 127  # v2: log-code levels (codes 1..levels; 0 = empty slot)
+DEFAULT_BLOCK_ROWS = 8192  # v2: rows per zstd frame
+MAX_ROWS = 1 << 24  # sanity bounds on a chunk header (a hostile header must not make us allocate)
+MAX_K = 4096
 
 # row flags (kd-method step 4)
 FLAG_NONE = 0  # no target
@@ -47,10 +65,10 @@ FLAG_ALIGNED = 1  # the student token starts on a teacher token boundary
 FLAG_INSIDE = 2  # the student token starts inside a teacher token
 
 
-# ----------------------------------------------------------------------------- chunk encoding
+# ----------------------------------------------------------------------------- probability codes
 
 def quantize_probs(ids: np.ndarray, probs: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
-    """Sort each row by id and code its probabilities; return (ids uint16 [R,k], codes uint16 [R,k]).
+    """v1: sort each row by id and code its probabilities; return (ids uint16 [R,k], codes uint16 [R,k]).
 
     The codes are adjusted (the element with the largest upward rounding error loses one step, repeated)
     until every dequantised row sums to <= 1, so the stored residual is never negative.
@@ -62,8 +80,14 @@ def quantize_probs(ids: np.ndarray, probs: np.ndarray, bits: int) -> tuple[np.nd
     probs = np.take_along_axis(probs, order, axis=1)
     q = float((1 << bits) - 1)
     codes = np.rint(np.sqrt(probs) * q).astype(np.int64)
-    for _ in range(4 * ids.shape[1] + 4):  # each pass fixes one step per offending row
-        deq = dequantize_codes(codes, bits)
+    codes = _fix_sums(codes, probs, dequantize_table(1, bits=bits))
+    return ids.astype(np.uint16), codes.astype(np.uint16)
+
+
+def _fix_sums(codes: np.ndarray, probs: np.ndarray, table: np.ndarray) -> np.ndarray:
+    """Lower codes (largest upward rounding error first, one step per pass) until each row sums to <= 1."""
+    for _ in range(4 * codes.shape[1] + 4):  # each pass fixes one step per offending row
+        deq = table[codes]
         over = deq.sum(axis=1, dtype=np.float32) > np.float32(1.0)
         if not over.any():
             break
@@ -71,14 +95,58 @@ def quantize_probs(ids: np.ndarray, probs: np.ndarray, bits: int) -> tuple[np.nd
         err = np.where(codes[rows] > 0, deq[rows].astype(np.float64) - probs[rows], -np.inf)
         cols = np.argmax(err, axis=1)
         codes[rows, cols] -= 1
-    return ids.astype(np.uint16), codes.astype(np.uint16)
+    return codes
+
+
+def dequantize_table(version: int, bits: int = DEFAULT_PROB_BITS, levels: int = DEFAULT_LEVELS,
+                     min_prob: float = DEFAULT_MIN_PROB) -> np.ndarray:
+    """code -> float32 probability, one table per (version, parameters): the one definition readers,
+    writers and the loader's on-device expansion share (a gather through it is the whole dequantisation)."""
+    if version == 1:
+        x = np.arange(1 << bits, dtype=np.float32) / np.float32((1 << bits) - 1)
+        return x * x
+    c = np.arange(levels + 1, dtype=np.float64)
+    t = np.exp(np.log(min_prob) * (1.0 - (c - 1.0) / (levels - 1)))
+    t[0] = 0.0
+    return t.astype(np.float32)
 
 
 def dequantize_codes(codes: np.ndarray, bits: int) -> np.ndarray:
-    """Probability codes -> float32 probabilities (the one definition readers and writers share)."""
+    """v1 probability codes -> float32 probabilities."""
     x = codes.astype(np.float32) / np.float32((1 << bits) - 1)
     return x * x
 
+
+def quantize_probs_v2(ids: np.ndarray, probs: np.ndarray, levels: int = DEFAULT_LEVELS,
+                      min_prob: float = DEFAULT_MIN_PROB) -> tuple[np.ndarray, np.ndarray]:
+    """v2: order each row by probability (largest first), drop p < min_prob, log-code the rest;
+    return (ids uint16 [R,k] with 0 at empty slots, codes uint8 [R,k] non-increasing, 0 = empty)."""
+    ids = np.asarray(ids, dtype=np.int64)
+    probs = np.clip(np.asarray(probs, dtype=np.float64), 0.0, 1.0)
+    probs = np.where(probs >= min_prob, probs, 0.0)
+    log_floor = np.log(min_prob)
+    with np.errstate(divide="ignore"):
+        c = np.rint((np.log(np.maximum(probs, 1e-300)) - log_floor) / -log_floor * (levels - 1)) + 1
+    codes = np.where(probs > 0, np.clip(c, 1, levels), 0).astype(np.int64)
+    codes = _fix_sums(codes, probs, dequantize_table(2, levels=levels, min_prob=min_prob))
+    order = np.argsort(-codes, axis=1, kind="stable")  # largest first; empty slots last
+    codes = np.take_along_axis(codes, order, axis=1)
+    ids = np.where(codes > 0, np.take_along_axis(ids, order, axis=1), 0)
+    return ids.astype(np.uint16), codes.astype(np.uint8)
+
+
+def roundtrip_probs(ids: np.ndarray, probs: np.ndarray, format_version: int = FORMAT_VERSION,
+                    bits: int = DEFAULT_PROB_BITS, min_prob: float = DEFAULT_MIN_PROB
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, probs) as a reader will see them after writing with `format_version` (for writers' stats)."""
+    if format_version == 1:
+        qids, codes = quantize_probs(ids, probs, bits)
+        return qids, dequantize_codes(codes, bits)
+    qids, codes = quantize_probs_v2(ids, probs, min_prob=min_prob)
+    return qids, dequantize_table(2, min_prob=min_prob)[codes]
+
+
+# ----------------------------------------------------------------------------- chunk encoding
 
 def _planes(a: np.ndarray) -> bytes:
     """uint16 [R, k] -> transposed byte planes (all low bytes, then all high bytes)."""
@@ -87,62 +155,167 @@ def _planes(a: np.ndarray) -> bytes:
     return b[:, 0].tobytes() + b[:, 1].tobytes()
 
 
-def _unplanes(buf: bytes, rows: int, k: int) -> np.ndarray:
-    n = rows * k
-    raw = np.frombuffer(buf, dtype=np.uint8)
-    lo, hi = raw[:n].astype(np.uint16), raw[n:2 * n].astype(np.uint16)
-    return (lo | (hi << 8)).reshape(k, rows).T
-
-
 def encode_chunk(ids: np.ndarray, probs: np.ndarray, flags: np.ndarray, *, bits: int = DEFAULT_PROB_BITS,
-                 level: int = DEFAULT_ZSTD_LEVEL, stats: dict | None = None) -> bytes:
-    """Targets of R rows -> one chunk file's bytes."""
+                 level: int = DEFAULT_ZSTD_LEVEL, stats: dict | None = None, format_version: int = FORMAT_VERSION,
+                 min_prob: float = DEFAULT_MIN_PROB, levels: int = DEFAULT_LEVELS,
+                 block_rows: int = DEFAULT_BLOCK_ROWS) -> bytes:
+    """Targets of R rows -> one chunk file's bytes (v2 unless format_version=1; `bits` is v1's code width)."""
     import zstandard
 
     rows, k = ids.shape
-    sids, codes = quantize_probs(ids, probs, bits)
-    deltas = sids.copy()
-    deltas[:, 1:] = sids[:, 1:] - sids[:, :-1]
-    payload = np.asarray(flags, dtype=np.uint8).tobytes() + _planes(deltas) + _planes(codes)
-    comp = zstandard.ZstdCompressor(level=level).compress(payload)
-    header = json.dumps({"rows": rows, "k": k, "prob_bits": bits, "raw_bytes": len(payload),
-                         "sha256": sha256_bytes(comp), "stats": stats or {}}, sort_keys=True).encode()
-    return CHUNK_MAGIC + struct.pack("<II", CHUNK_VERSION, len(header)) + header + comp
+    cctx = zstandard.ZstdCompressor(level=level)
+    flags = np.asarray(flags, dtype=np.uint8)
+    if format_version == 1:
+        sids, codes = quantize_probs(ids, probs, bits)
+        deltas = sids.copy()
+        deltas[:, 1:] = sids[:, 1:] - sids[:, :-1]
+        payload = flags.tobytes() + _planes(deltas) + _planes(codes)
+        comp = cctx.compress(payload)
+        header = {"rows": rows, "k": k, "prob_bits": bits, "raw_bytes": len(payload), "sha256": sha256_bytes(comp),
+                  "stats": stats or {}}
+        frames = [comp]
+    elif format_version == 2:
+        if not 2 <= levels <= 255 or not 0 < min_prob < 1:
+            raise DistillError(f"levels {levels} / min_prob {min_prob}: need 2 <= levels <= 255, 0 < min_prob < 1")
+        qids, codes = quantize_probs_v2(ids, probs, levels, min_prob)
+        deltas = codes.copy()
+        deltas[:, 1:] = codes[:, :-1] - codes[:, 1:]
+        lohi = qids.astype("<u2").view(np.uint8).reshape(rows, k, 2)
+        frames, blocks = [], []
+        for b0 in range(0, max(rows, 1), block_rows):
+            sl = slice(b0, min(b0 + block_rows, rows))
+            raw = (flags[sl].tobytes() + np.ascontiguousarray(lohi[sl, :, 0]).tobytes()
+                   + np.ascontiguousarray(lohi[sl, :, 1]).tobytes() + deltas[sl].tobytes())
+            comp = cctx.compress(raw)
+            frames.append(comp)
+            blocks.append({"rows": sl.stop - sl.start, "bytes": len(comp), "sha256": sha256_bytes(comp)})
+        header = {"rows": rows, "k": k, "levels": levels, "min_prob": min_prob, "blocks": blocks,
+                  "stats": stats or {}}
+    else:
+        raise DistillError(f"format_version {format_version}: this build writes 1 or 2")
+    hb = json.dumps(header, sort_keys=True).encode()
+    return CHUNK_MAGIC + struct.pack("<II", format_version, len(hb)) + hb + b"".join(frames)
 
 
-def read_chunk_header(path: Path) -> tuple[dict, int]:
-    """Validate a chunk's magic/version; return (header, payload offset)."""
-    with open(path, "rb") as f:
-        head = f.read(12)
-        if len(head) < 12 or head[:4] != CHUNK_MAGIC:
-            raise DistillError(f"{path}: not a cache chunk (bad magic)")
-        version, hlen = struct.unpack("<II", head[4:])
-        if version != CHUNK_VERSION:
-            raise DistillError(f"{path}: unsupported chunk version {version} (expected {CHUNK_VERSION})")
-        try:
-            header = json.loads(f.read(hlen))
-        except ValueError:
-            raise DistillError(f"{path}: corrupt chunk header") from None
+def read_chunk_header(path: Path, data: bytes | None = None) -> tuple[dict, int]:
+    """Validate a chunk's magic/version/header; return (header + "version", payload offset)."""
+    if data is None:
+        with open(path, "rb") as f:
+            head = f.read(12)
+            if len(head) == 12 and head[:4] == CHUNK_MAGIC:
+                hlen = struct.unpack("<I", head[8:12])[0]
+                head += f.read(min(hlen, 1 << 24))
+        data = head
+    if len(data) < 12 or data[:4] != CHUNK_MAGIC:
+        raise DistillError(f"{path}: not a cache chunk (bad magic)")
+    version, hlen = struct.unpack("<II", data[4:12])
+    if version not in READ_VERSIONS:
+        raise DistillError(f"{path}: unsupported chunk version {version} (this build reads {READ_VERSIONS})")
+    try:
+        header = json.loads(data[12:12 + hlen])
+        rows, k = int(header["rows"]), int(header["k"])
+        if not (0 <= rows <= MAX_ROWS and 1 <= k <= MAX_K):
+            raise ValueError
+        if version == 1:
+            bits = int(header["prob_bits"])
+            if not 1 <= bits <= 16 or int(header["raw_bytes"]) != rows + 4 * rows * k:
+                raise ValueError
+        else:
+            if not 2 <= int(header["levels"]) <= 255 or not 0 < float(header["min_prob"]) < 1:
+                raise ValueError
+            if sum(int(b["rows"]) for b in header["blocks"]) != rows or any(int(b["rows"]) < 0 or int(b["bytes"]) < 0
+                                                                            for b in header["blocks"]):
+                raise ValueError
+    except (ValueError, KeyError, TypeError):
+        raise DistillError(f"{path}: corrupt chunk header") from None
+    header["version"] = version
     return header, 12 + hlen
 
 
-def decode_chunk(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """One chunk file -> (ids uint16 [R,k], probs float32 [R,k], residual float32 [R], flags uint8 [R])."""
+def _decompress(path: Path, comp: bytes, expected: int) -> bytes:
+    """One zstd frame -> exactly `expected` bytes, never more (the frame's own declared size is checked first)."""
     import zstandard
 
-    header, off = read_chunk_header(path)
-    comp = path.read_bytes()[off:]
-    if sha256_bytes(comp) != header["sha256"]:
-        raise DistillError(f"{path}: chunk checksum mismatch (corrupt file)")
-    payload = zstandard.ZstdDecompressor().decompress(comp, max_output_size=header["raw_bytes"])
-    rows, k, bits = header["rows"], header["k"], header["prob_bits"]
-    flags = np.frombuffer(payload[:rows], dtype=np.uint8).copy()
-    nb = 2 * rows * k
-    deltas = _unplanes(payload[rows:rows + nb], rows, k)
-    codes = _unplanes(payload[rows + nb:rows + 2 * nb], rows, k)
-    ids = np.cumsum(deltas.astype(np.int64), axis=1).astype(np.uint16)
-    probs = dequantize_codes(codes, bits)
+    try:
+        declared = zstandard.frame_content_size(comp)
+    except zstandard.ZstdError:
+        raise DistillError(f"{path}: corrupt chunk (bad zstd frame)") from None
+    if declared not in (-1, expected):
+        raise DistillError(f"{path}: corrupt chunk (frame declares {declared} bytes, header implies {expected})")
+    try:
+        out = zstandard.ZstdDecompressor().decompress(comp, max_output_size=expected)
+    except zstandard.ZstdError:
+        raise DistillError(f"{path}: corrupt chunk (zstd frame does not decode to {expected} bytes)") from None
+    if len(out) != expected:
+        raise DistillError(f"{path}: corrupt chunk (frame decodes to {len(out)} bytes, expected {expected})")
+    return out
+
+
+def decode_chunk_codes(path: Path, lo: int = 0, hi: int | None = None
+                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Rows [lo, hi) of a chunk in compact form: (ids uint16 [n,k], codes uint8|uint16 [n,k], flags uint8 [n],
+    table float32) with probs = table[codes]. Only the data those rows need is decompressed."""
+    data = Path(path).read_bytes()
+    header, off = read_chunk_header(path, data)
+    rows, k = header["rows"], header["k"]
+    hi = rows if hi is None else hi
+    if not 0 <= lo <= hi <= rows:
+        raise DistillError(f"{path}: rows [{lo}, {hi}) outside chunk ({rows} rows)")
+    if header["version"] == 1:
+        comp = data[off:]
+        if sha256_bytes(comp) != header["sha256"]:
+            raise DistillError(f"{path}: chunk checksum mismatch (corrupt file)")
+        payload = _decompress(path, comp, rows + 4 * rows * k)
+        raw = np.frombuffer(payload, dtype=np.uint8)
+        n = rows * k
+        flags = raw[lo:hi].copy()
+        planes = [raw[rows + i * n:rows + (i + 1) * n].reshape(k, rows)[:, lo:hi] for i in range(4)]
+        deltas = planes[0].astype(np.uint16) | (planes[1].astype(np.uint16) << 8)  # (k, n) slot-major
+        np.cumsum(deltas, axis=0, dtype=np.uint16, out=deltas)  # contiguous-axis prefix sum (mod 2^16)
+        codes = planes[2].astype(np.uint16) | (planes[3].astype(np.uint16) << 8)
+        return (np.ascontiguousarray(deltas.T), np.ascontiguousarray(codes.T), flags,
+                dequantize_table(1, bits=int(header["prob_bits"])))
+    parts, b0, pos = [], 0, off
+    for blk in header["blocks"]:
+        nb, size = int(blk["rows"]), int(blk["bytes"])
+        b1 = b0 + nb
+        if b1 > lo and b0 < hi:
+            comp = data[pos:pos + size]
+            if len(comp) != size or sha256_bytes(comp) != blk["sha256"]:
+                raise DistillError(f"{path}: chunk checksum mismatch (corrupt file)")
+            raw = np.frombuffer(_decompress(path, comp, nb * (1 + 3 * k)), dtype=np.uint8)
+            a, b = max(lo - b0, 0), min(hi, b1) - b0
+            m = raw[nb:].reshape(3, nb, k)
+            parts.append((raw[a:b], m[0, a:b], m[1, a:b], m[2, a:b]))
+        b0, pos = b1, pos + size
+    flags = np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, np.uint8)
+    lo_b = np.concatenate([p[1] for p in parts]) if parts else np.zeros((0, k), np.uint8)
+    hi_b = np.concatenate([p[2] for p in parts]) if parts else np.zeros((0, k), np.uint8)
+    d = np.concatenate([p[3] for p in parts]) if parts else np.zeros((0, k), np.uint8)
+    ids = lo_b.astype(np.uint16) | (hi_b.astype(np.uint16) << 8)
+    codes = np.empty_like(d)
+    codes[:, :1] = d[:, :1]
+    for j in range(1, k):  # undo the differences column by column (k vector ops; uint8 wraps exactly)
+        np.subtract(codes[:, j - 1], d[:, j], out=codes[:, j])
+    levels = int(header["levels"])
+    if codes.size and int(codes.max()) > levels:
+        raise DistillError(f"{path}: corrupt chunk (code above {levels})")
+    return ids, codes, flags, dequantize_table(2, levels=levels, min_prob=float(header["min_prob"]))
+
+
+def expand_codes(codes: np.ndarray, table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(probs float32 [n,k], residual float32 [n]) from codes and their table."""
+    probs = table[codes]
     residual = (np.float32(1.0) - probs.sum(axis=1, dtype=np.float32)).astype(np.float32)
+    return probs, residual
+
+
+def decode_chunk(path: Path, lo: int = 0, hi: int | None = None
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Rows [lo, hi) of one chunk file -> (ids uint16 [n,k], probs float32 [n,k], residual float32 [n],
+    flags uint8 [n])."""
+    ids, codes, flags, table = decode_chunk_codes(path, lo, hi)
+    probs, residual = expand_codes(codes, table)
     return ids, probs, residual, flags
 
 
@@ -152,9 +325,10 @@ def chunk_path(cache_dir: str | os.PathLike, shard_index: int, chunk_index: int)
 
 def write_chunk(cache_dir: str | os.PathLike, shard_index: int, chunk_index: int, ids: np.ndarray,
                 probs: np.ndarray, flags: np.ndarray, *, bits: int = DEFAULT_PROB_BITS,
-                level: int = DEFAULT_ZSTD_LEVEL, stats: dict | None = None) -> int:
-    """Encode and atomically write one chunk; return its size in bytes."""
-    data = encode_chunk(ids, probs, flags, bits=bits, level=level, stats=stats)
+                level: int = DEFAULT_ZSTD_LEVEL, stats: dict | None = None, **encode_kw) -> int:
+    """Encode and atomically write one chunk; return its size in bytes. `encode_kw`: encode_chunk's
+    format_version / min_prob / levels / block_rows."""
+    data = encode_chunk(ids, probs, flags, bits=bits, level=level, stats=stats, **encode_kw)
     write_bytes_atomic(chunk_path(cache_dir, shard_index, chunk_index), data)
     return len(data)
 
@@ -176,15 +350,18 @@ def num_chunks(tokens: int, chunk_rows: int) -> int:
 
 def build_manifest(cache_dir: str | os.PathLike, shard_recs: list[dict], tokenizer_sha256: str, k: int,
                    chunk_rows: int, prob_bits: int, meta: dict) -> dict:
-    """Assemble the manifest from the chunk files on disk (sizes + per-chunk stats, summed)."""
+    """Assemble the manifest from the chunk files on disk (sizes + per-chunk stats, summed). The format
+    version is the chunks' (all must agree)."""
     totals: dict[str, float] = {}
     bytes_on_disk = 0
+    versions: set[int] = set()
     for si, rec in enumerate(shard_recs):
         for ci in range(num_chunks(rec["tokens"], chunk_rows)):
             p = chunk_path(cache_dir, si, ci)
             if not p.is_file():
                 raise DistillError(f"{p}: chunk missing (the run is incomplete; rerun the same command)")
             header, _ = read_chunk_header(p)
+            versions.add(header["version"])
             bytes_on_disk += p.stat().st_size
             for key, v in header.get("stats", {}).items():
                 totals[key] = totals.get(key, 0.0) + float(v)
@@ -201,9 +378,11 @@ def build_manifest(cache_dir: str | os.PathLike, shard_recs: list[dict], tokeniz
     stats["tokens"] = tokens
     stats["bytes_on_disk"] = bytes_on_disk
     stats["bytes_per_token"] = bytes_on_disk / max(tokens, 1)
+    if len(versions) > 1:
+        raise DistillError(f"{cache_dir}: chunks of several format versions {sorted(versions)} (rewrite the cache)")
     return {
         "format": FORMAT,
-        "format_version": FORMAT_VERSION,
+        "format_version": versions.pop() if versions else FORMAT_VERSION,
         **meta,
         "k": k,
         "chunk_rows": chunk_rows,
@@ -218,7 +397,8 @@ def write_cache_from_arrays(out_dir: str | os.PathLike, shard_paths: Sequence[st
                             tokenizer_path: str | os.PathLike,
                             targets: list[tuple[np.ndarray, np.ndarray, np.ndarray]], meta: dict) -> None:
     """Write a complete cache from in-memory targets: one (ids [N,k], probs [N,k], residual [N]) per shard,
-    N = that shard's token count. The residual argument is not stored (it is 1 - sum(probs) by definition);
+    N = that shard's token count. meta may set chunk_rows, prob_bits (v1), format_version (default 2),
+    min_prob, levels, block_rows (v2), zstd_level. The residual argument is not stored (it is 1 - sum(probs) by definition);
     rows whose probs sum to 0 are 'no target'. `meta` goes into the manifest (e.g. teacher, backend)."""
     from distill.tokenizer import tokenizer_hash
 
@@ -226,6 +406,8 @@ def write_cache_from_arrays(out_dir: str | os.PathLike, shard_paths: Sequence[st
         raise DistillError(f"{out_dir}: {len(targets)} target arrays for {len(shard_paths)} shards")
     chunk_rows = int(meta.get("chunk_rows", DEFAULT_CHUNK_ROWS))
     bits = int(meta.get("prob_bits", DEFAULT_PROB_BITS))
+    enc = {key: meta[key] for key in ("format_version", "min_prob", "levels", "block_rows") if key in meta}
+    level = int(meta.get("zstd_level", DEFAULT_ZSTD_LEVEL))
     recs = [shard_record(p) for p in shard_paths]
     k = None
     for si, ((ids, probs, _res), rec) in enumerate(zip(targets, recs)):
@@ -236,10 +418,11 @@ def write_cache_from_arrays(out_dir: str | os.PathLike, shard_paths: Sequence[st
         flags = np.where(probs.sum(axis=1) > 0, FLAG_ALIGNED, FLAG_NONE).astype(np.uint8)
         for ci in range(num_chunks(rec["tokens"], chunk_rows)):
             sl = slice(ci * chunk_rows, (ci + 1) * chunk_rows)
-            write_chunk(out_dir, si, ci, ids[sl], probs[sl], flags[sl], bits=bits)
+            write_chunk(out_dir, si, ci, ids[sl], probs[sl], flags[sl], bits=bits, level=level, **enc)
     base_meta = {"teacher": {"id": "arrays", "revision": ""}, "backend": {"name": "arrays", "version": ""},
                  "projection": {"version": 0, "kind": "given"}}
-    base_meta.update({key: v for key, v in meta.items() if key not in ("chunk_rows", "prob_bits")})
+    base_meta.update({key: v for key, v in meta.items()
+                      if key not in ("chunk_rows", "prob_bits", "format_version", "block_rows", "zstd_level")})
     manifest = build_manifest(out_dir, recs, tokenizer_hash(tokenizer_path), int(k or 0), chunk_rows, bits, base_meta)
     write_json_atomic(Path(out_dir) / "manifest.json", manifest)
 
@@ -262,9 +445,10 @@ class CacheReader:
             raise DistillError(f"{mpath}: corrupt manifest (not JSON)") from None
         if self.manifest.get("format") != FORMAT:
             raise DistillError(f"{mpath}: not a {FORMAT} manifest")
-        if self.manifest.get("format_version") != FORMAT_VERSION:
+        if self.manifest.get("format_version") not in READ_VERSIONS:
             raise DistillError(f"{mpath}: unsupported cache format version {self.manifest.get('format_version')} "
-                               f"(this build reads {FORMAT_VERSION})")
+                               f"(this build reads {READ_VERSIONS})")
+        self.format_version: int = int(self.manifest["format_version"])
         self.k: int = int(self.manifest["k"])
         self.chunk_rows: int = int(self.manifest["chunk_rows"])
         self._shards: list[dict] = self.manifest["shards"]
@@ -278,27 +462,38 @@ class CacheReader:
         if not 0 <= shard_index < self.num_shards:
             raise DistillError(f"{self.dir}: shard index {shard_index} out of range (cache has {self.num_shards})")
 
-    def read_span(self, shard_index: int, start: int, end: int,
-                  with_flags: bool = False) -> tuple[np.ndarray, ...]:
-        """Rows [start, end) of shard `shard_index` -> (ids uint16 [n,k], probs f32 [n,k], residual f32 [n])
-        (+ flags uint8 [n] with `with_flags`). Only the chunks overlapping the span are decompressed."""
+    def read_span_codes(self, shard_index: int, start: int, end: int
+                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Rows [start, end) in compact form: (ids uint16 [n,k], codes [n,k], flags uint8 [n], table float32),
+        probs = table[codes]. Only the chunks (v2: blocks) overlapping the span are decompressed."""
         n = self.shard_tokens(shard_index)
         if not 0 <= start <= end <= n:
             raise DistillError(f"{self.dir}: span [{start}, {end}) outside shard {shard_index} ({n} rows)")
-        parts = []
+        parts, table = [], None
         for ci in range(start // self.chunk_rows, -(-end // self.chunk_rows)):
             c0 = ci * self.chunk_rows
             p = chunk_path(self.dir, shard_index, ci)
             if not p.is_file():
                 raise DistillError(f"{p}: chunk missing (cache damaged)")
-            arrs = decode_chunk(p)
-            lo, hi = max(start - c0, 0), min(end - c0, arrs[0].shape[0])
-            parts.append(tuple(a[lo:hi] for a in arrs))
+            ids, codes, flags, t = decode_chunk_codes(p, max(start - c0, 0), min(end, c0 + self.chunk_rows) - c0)
+            if ids.shape[1] != self.k or (table is not None and not np.array_equal(t, table)):
+                raise DistillError(f"{p}: chunk layout differs from the manifest's (k {ids.shape[1]} vs {self.k})")
+            table = t
+            parts.append((ids, codes, flags))
         if not parts:
-            parts = [(np.zeros((0, self.k), np.uint16), np.zeros((0, self.k), np.float32),
-                      np.zeros(0, np.float32), np.zeros(0, np.uint8))]
-        out = tuple(np.concatenate([p[j] for p in parts]) for j in range(4))
-        return out if with_flags else out[:3]
+            return (np.zeros((0, self.k), np.uint16), np.zeros((0, self.k), np.uint8), np.zeros(0, np.uint8),
+                    np.zeros(1, np.float32))
+        if len(parts) == 1:
+            return (*parts[0], table)
+        return (*(np.concatenate([p[j] for p in parts]) for j in range(3)), table)
+
+    def read_span(self, shard_index: int, start: int, end: int,
+                  with_flags: bool = False) -> tuple[np.ndarray, ...]:
+        """Rows [start, end) of shard `shard_index` -> (ids uint16 [n,k], probs f32 [n,k], residual f32 [n])
+        (+ flags uint8 [n] with `with_flags`). Only the chunks overlapping the span are decompressed."""
+        ids, codes, flags, table = self.read_span_codes(shard_index, start, end)
+        probs, residual = expand_codes(codes, table)
+        return (ids, probs, residual, flags) if with_flags else (ids, probs, residual)
 
     def check_shards(self, paths: Sequence[str | os.PathLike], tokenizer_path: str | os.PathLike | None = None) -> None:
         """Refuse (DistillError) unless `paths` are exactly the cache's token shards (by name, size, sha256)

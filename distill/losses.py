@@ -3,17 +3,21 @@
 Targets come from the teacher cache (distill/cache.py), one row per predicted token: `ids [N,k]` student
 ids, `probs [N,k]` the teacher's probabilities at those ids and `residual [N]` = 1 − Σ probs (the mass the
 cache did not keep). The student side is folded into the same k+1 buckets: its probabilities gathered at
-the stored ids, plus a residual bucket p_res = 1 − Σ gathered. Keeping the residual bucket (instead of
+the stored ids, plus a residual bucket p_res = Σ over the other ids (= 1 − Σ gathered, computed without
+the subtraction). Keeping the residual bucket (instead of
 renormalising the top-k) keeps the target unbiased (Sparse Logit Sampling, ACL 2025).
 
-- float32 math whatever the logits' dtype; the student's log-sum-exp is computed once and shared by CE
-  and the gathered log-probabilities.
+- float32 math whatever the logits' dtype and whatever autocast says (autocast is switched off inside the
+  loss; bf16 reductions made the residual bucket move in steps of ~0.004). The student's log-sum-exp is
+  assembled once from two parts — over the stored ids and over the rest of the vocabulary — and shared by
+  CE, the gathered log-probabilities and the residual bucket log p_res = lse_rest − lse, which is exact
+  however confident the student is (no 1 − Σ p cancellation).
 - Rows without a target (probs sum 0; the cache writes residual 1) contribute CE only.
 - Slots with probability 0 (padding in rows with fewer than k candidates) are ignored on both sides, so a
   repeated padding id cannot double-count student mass.
 - Everything that depends only on the teacher (masks, tempered q, Σ q log q + r log r, the gather index
   [target | ids]) is prepared once by `prepare_targets` — the loader does it in its background thread — so
-  the step itself runs one fused log_softmax, ONE gather and a handful of [N, k] ops. On a busy CPU every
+  the step itself runs one masked log-sum-exp over [N, V], ONE gather and a handful of [N, k] ops. On a busy CPU every
   extra op costs a thread-pool round trip, which is what made a naive version 3x slower than CE.
 - Rows are processed in chunks of `chunk_rows`, so the float32 upcast of the logits is bounded to
   [chunk_rows, V] at a time (bf16 logits on GPU) — results equal the unchunked computation.
@@ -32,7 +36,8 @@ from dataclasses import dataclass, fields
 
 import torch
 
-RESIDUAL_EPS = 1e-6  # floor for the student's residual bucket: 1 − Σ p cancels in float32 near 1
+LOG_RESIDUAL_FLOOR = -69.0  # log(1e-30): the student residual's floor, reached only when the stored ids cover V
+_MASKED_LOGIT = -1e30  # stands for −inf in the masked log-sum-exp (finite: a fully masked row must not give NaN)
 
 
 @dataclass
@@ -90,33 +95,61 @@ def prepare_targets(targets: torch.Tensor, ids: torch.Tensor, probs: torch.Tenso
     return KDTargets(index, q, present.float(), r, has.float(), neg_entropy, temperature)
 
 
+def _student_buckets(z: torch.Tensor, t: KDTargets) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Student side of the k+1 buckets from float32 logits z (n, V), computed without cancellation:
+    (lse (n,), z at [target | stored ids] (n, k+1), log p_res (n,)).
+
+    The residual bucket is NOT 1 − Σ p: when the student is confident on a stored id that difference cancels
+    (float32: absolute error ~k·6e-8, so p_res = 1e-5 would be ~1 % wrong; under bf16 autocast, steps of 0.004).
+    Instead the vocabulary is split into the stored ids S and the rest: lse_rest = logsumexp over the logits
+    outside S (one pass over a masked copy), lse_S = logsumexp over the stored logits, and the full
+    lse = logaddexp(lse_rest, lse_S) — so log p_res = lse_rest − lse is exact to float32 rounding however small
+    p_res is, and the full log-sum-exp costs no extra pass. A stored id repeated within a row (padding) counts
+    once: each copy is weighted 1/count."""
+    ids = t.index[:, 1:]
+    zi = z.gather(1, t.index)  # (n, k+1)
+    with torch.no_grad():
+        member = torch.zeros_like(z).scatter_add_(1, ids, t.mask)  # copies of each id among the present slots
+        w = t.mask / member.gather(1, ids).clamp_min(1.0)
+        # absent slots get a huge negative (finite: an all −inf row would make logsumexp's backward NaN)
+        log_w = torch.where(w > 0, w.clamp_min(1e-30).log(), torch.full_like(w, _MASKED_LOGIT))
+    lse_rest = torch.logsumexp(z.masked_fill(member > 0, _MASKED_LOGIT), dim=-1)
+    lse_s = torch.logsumexp(zi[:, 1:] + log_w, dim=-1)  # ≈ −1e30 for rows with no stored id
+    lse = torch.logaddexp(lse_rest, lse_s)
+    log_p_res = (lse_rest - lse).clamp_min(LOG_RESIDUAL_FLOOR)  # floor only hit when S covers the vocab
+    return lse, zi, log_p_res
+
+
 def _chunk_sums(logits: torch.Tensor, t: KDTargets, alpha: float) -> tuple[torch.Tensor, ...]:
-    """(mixed-loss sum, CE sum, KL sum) over one chunk of rows, float32.
+    """(mixed-loss sum, CE sum, KL sum) over one chunk of rows, in float32 whatever autocast says.
 
     mixed = Σ (1 − α·has)·CE + α·Σ KL, with KL = Σq log q + r log r − Σ q log p − r log p_res. Both the CE
     and the −Σ q log p parts are linear in the gathered log-probs g, so they are one weighted sum
-    −Σ g·W with W = [1 − α·has | α·q]; only the residual bucket needs its own few ops."""
-    z = logits.float()
-    logp_all = torch.log_softmax(z, dim=-1)  # its log-sum-exp serves CE and (at τ = 1) the KL
-    g = logp_all.gather(1, t.index)  # (n, k+1): log p_S(target), log p_S(stored ids)
-    if t.temperature == 1.0:
-        logp = g[:, 1:]
-    else:
-        logp = torch.log_softmax(z / t.temperature, dim=-1).gather(1, t.index[:, 1:])
-    tau2 = t.temperature**2
-    p_res = (1.0 - torch.linalg.vecdot(logp.exp(), t.mask)).clamp_min(RESIDUAL_EPS)
-    log_p_res = p_res.log()
-    res = torch.dot(t.r, log_p_res)  # Σ r log p_res (rows without a target: r = 1, p_res = 1 -> 0)
-    ent = t.neg_entropy.sum()
-    if t.temperature == 1.0:
-        w = torch.cat(((1.0 - alpha * t.has).unsqueeze(1), alpha * t.q), dim=1)
-        mixed = -torch.dot(g.flatten(), w.flatten()) + alpha * (ent - res)
-    else:
-        mixed = (-torch.dot(g[:, 0], 1.0 - alpha * t.has)
-                 + alpha * tau2 * (ent - torch.dot(logp.flatten(), t.q.flatten()) - res))
-    with torch.no_grad():  # the reported parts: forward-only, nothing for backward to do
-        ce_sum = -g[:, 0].sum()
-        kl_sum = tau2 * (ent - torch.dot(logp.flatten(), t.q.flatten()) - res)
+    −Σ g·W with W = [1 − α·has | α·q]; only the residual bucket needs its own few ops.
+    Autocast is switched off inside: under bf16 autocast, reductions such as dot/vecdot would otherwise run in
+    bf16 (8 bits of mantissa) and the residual bucket, the KL and its gradient would be wrong."""
+    with torch.autocast(device_type=logits.device.type, enabled=False):
+        z = logits.float()
+        lse, zi, log_p_res = _student_buckets(z, t)
+        g = zi - lse.unsqueeze(1)  # (n, k+1): log p_S(target), log p_S(stored ids)
+        tau = t.temperature
+        if tau == 1.0:
+            logp = g[:, 1:]
+        else:
+            lse_t, zi_t, log_p_res = _student_buckets(z / tau, t)
+            logp = zi_t[:, 1:] - lse_t.unsqueeze(1)
+        tau2 = tau**2
+        res = (t.r * log_p_res).sum()  # Σ r log p_res (rows without a target: r = 1, p_res = 1 -> 0)
+        ent = t.neg_entropy.sum()
+        qlogp = (logp * t.q).sum()
+        if tau == 1.0:
+            w = torch.cat(((1.0 - alpha * t.has).unsqueeze(1), alpha * t.q), dim=1)
+            mixed = -(g * w).sum() + alpha * (ent - res)
+        else:
+            mixed = -(g[:, 0] * (1.0 - alpha * t.has)).sum() + alpha * tau2 * (ent - qlogp - res)
+        with torch.no_grad():  # the reported parts: forward-only, nothing for backward to do
+            ce_sum = -g[:, 0].sum()
+            kl_sum = tau2 * (ent - qlogp.detach() - res.detach())
     return mixed, ce_sum, kl_sum
 
 

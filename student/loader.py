@@ -7,10 +7,14 @@ y = span[1:]. Cache row (shard s, position j) is the teacher's distribution for 
 exactly the target of input position j — the same (shard, position) ranges index tokens and cache rows.
 A target that lies in the next shard gets that shard's last cache row, which has no target (CE only).
 
-Tokens are memory-mapped; cache spans are decompressed (each on-disk chunk once) and turned into
-distill.losses.KDTargets in a background thread `prefetch` batches ahead, and (on CUDA) placed in pinned
-memory so the host->device copy overlaps compute. The loader's position is
-a small dict (`state`) saved with a checkpoint; a loader built from it yields the same next batches.
+Cache rows travel compact: uint16 ids and uint8 (v1: uint16) probability codes, decoded from disk in a
+background thread `prefetch` batches ahead (a v2 cache decompresses only the blocks a span touches; a v1
+chunk is decoded once and kept for the next span). When the training device is CUDA (`device`, default:
+CUDA when pin_memory), the codes are pinned, copied (3 B per stored entry at v2) and expanded on the device
+by `Batch.to` — dequantised through the cache's code table and turned into distill.losses.KDTargets by
+prepare_targets there; on CPU the background thread does that expansion, so `Batch.kd` is ready when
+next_batch() returns. The loader's position is a small dict (`state`) saved with a checkpoint; a loader
+built from it yields the same next batches.
 """
 
 from __future__ import annotations
@@ -29,48 +33,87 @@ from distill.shards import read_shard, resolve_shards
 
 
 @dataclass
+class PackedTargets:
+    """Cache rows for a batch in their compact on-disk coding (see distill.cache.decode_chunk_codes)."""
+
+    ids: torch.Tensor  # (N, k) int16 holding uint16 ids (bit pattern)
+    codes: torch.Tensor  # (N, k) uint8 (v2) or int16 holding uint16 (v1) probability codes
+    table: torch.Tensor  # (C,) float32: probability of each code
+    temperature: float = 1.0
+    top_k: int = 0
+    target_temperature: float = 1.0
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.ids, self.codes))
+
+    def expand(self, targets: torch.Tensor, device: torch.device) -> KDTargets:
+        """Move the codes to `device` and build the KDTargets there (dequantise + prepare_targets)."""
+        nb = device.type == "cuda"
+        ids = self.ids.to(device, non_blocking=nb).int() & 0xFFFF
+        codes = self.codes.to(device, non_blocking=nb).int()
+        if self.codes.dtype == torch.int16:
+            codes = codes & 0xFFFF
+        probs = self.table.to(device, non_blocking=nb)[codes]
+        residual = 1.0 - probs.sum(dim=1)
+        return prepare_targets(targets.to(device, non_blocking=nb).reshape(-1), ids, probs, residual,
+                               self.temperature, self.top_k, target_temperature=self.target_temperature)
+
+
+@dataclass
 class Batch:
     x: torch.Tensor  # (B, T) int64 inputs
     y: torch.Tensor  # (B, T) int64 targets
     kd: KDTargets | None = None  # teacher rows for the B*T targets, prepared for distill.losses
+    packed: PackedTargets | None = None  # the same rows still compact (expanded on the device by `to`)
 
     def to(self, device: torch.device) -> Batch:
+        device = torch.device(device)
         nb = device.type == "cuda"
-        kd = None if self.kd is None else self.kd.to(device, non_blocking=nb)
-        return Batch(self.x.to(device, non_blocking=nb), self.y.to(device, non_blocking=nb), kd)
+        y = self.y.to(device, non_blocking=nb)
+        if self.packed is not None:
+            kd = self.packed.expand(y, device)
+        else:
+            kd = None if self.kd is None else self.kd.to(device, non_blocking=nb)
+        return Batch(self.x.to(device, non_blocking=nb), y, kd)
 
     def pin_memory(self) -> Batch:
         kd = None if self.kd is None else self.kd.map(lambda t: t.pin_memory())
-        return Batch(self.x.pin_memory(), self.y.pin_memory(), kd)
+        packed = self.packed
+        if packed is not None:
+            packed = PackedTargets(packed.ids.pin_memory(), packed.codes.pin_memory(), packed.table,
+                                   packed.temperature, packed.top_k, packed.target_temperature)
+        return Batch(self.x.pin_memory(), self.y.pin_memory(), kd, packed)
 
 
-class ChunkedSpans:
-    """read_span over a CacheReader that decodes each on-disk chunk once: a step's span is much smaller
-    than a chunk (65,536 rows), and consecutive steps read consecutive rows, so the last few decoded chunks
-    serve the next spans. Only the loader thread touches it."""
+class SpanCodes:
+    """read_span_codes over a CacheReader. v2 caches decode only the blocks a span touches; a v1 chunk must
+    be decoded whole, so the last `keep` decoded v1 chunks are kept for the next spans (consecutive steps
+    read consecutive rows). Only the loader thread touches it."""
 
     def __init__(self, reader, keep: int = 2):
         self.reader, self.keep = reader, keep
-        self.rows = int(getattr(reader, "chunk_rows", 0) or 0)
+        self.rows = int(reader.chunk_rows)
+        self.memo = reader.format_version == 1
         self.decoded: dict[tuple[int, int], tuple[np.ndarray, ...]] = {}
 
-    def read_span(self, shard: int, start: int, end: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        if self.rows <= 0:
-            return self.reader.read_span(shard, start, end)
-        parts = []
+    def read(self, shard: int, start: int, end: int) -> tuple[np.ndarray, ...]:
+        if not self.memo:
+            return self.reader.read_span_codes(shard, start, end)
+        parts, table = [], None
         for ci in range(start // self.rows, -(-end // self.rows)):
             arrs = self.decoded.get((shard, ci))
             if arrs is None:
                 c0 = ci * self.rows
-                arrs = self.reader.read_span(shard, c0, min(c0 + self.rows, self.reader.shard_tokens(shard)))
+                arrs = self.reader.read_span_codes(shard, c0, min(c0 + self.rows, self.reader.shard_tokens(shard)))
                 self.decoded[(shard, ci)] = arrs
                 while len(self.decoded) > self.keep:
                     self.decoded.pop(next(iter(self.decoded)))  # oldest first (dicts keep insertion order)
             lo, hi = max(start - ci * self.rows, 0), min(end - ci * self.rows, self.rows)
-            parts.append(tuple(a[lo:hi] for a in arrs))
+            parts.append(tuple(a[lo:hi] for a in arrs[:3]))
+            table = arrs[3]
         if len(parts) == 1:
-            return parts[0]
-        return tuple(np.concatenate([p[j] for p in parts]) for j in range(3))
+            return (*parts[0], table)
+        return (*(np.concatenate([p[j] for p in parts]) for j in range(3)), table)
 
 
 def open_cache(cache_dir: str, shard_paths: list[Path], tokenizer_path: str | None):
@@ -80,7 +123,7 @@ def open_cache(cache_dir: str, shard_paths: list[Path], tokenizer_path: str | No
 
     reader = CacheReader(cache_dir)
     reader.check_shards([str(p) for p in shard_paths], tokenizer_path or None)
-    return ChunkedSpans(reader), [int(reader.shard_index_of(str(p))) for p in shard_paths]
+    return SpanCodes(reader), [int(reader.shard_index_of(str(p))) for p in shard_paths]
 
 
 class DistributedLoader:
@@ -89,7 +132,8 @@ class DistributedLoader:
     def __init__(self, pattern: str, seq_len: int, local_tokens: int, rank: int = 0, world_size: int = 1,
                  cache_dir: str | None = None, tokenizer_path: str | None = None, vocab_size: int | None = None,
                  prefetch: int = 4, pin_memory: bool = False, state: dict | None = None,
-                 temperature: float = 1.0, top_k: int = 0, target_temperature: float = 1.0):
+                 temperature: float = 1.0, top_k: int = 0, target_temperature: float = 1.0,
+                 device: str | torch.device | None = None):
         if local_tokens % seq_len:
             raise DistillError(f"train.batch_tokens: per-rank micro-batch of {local_tokens} tokens is not a "
                                f"multiple of seq_len {seq_len}")
@@ -104,6 +148,8 @@ class DistributedLoader:
         self.seq_len, self.rank, self.world = seq_len, rank, world_size
         self.vocab_size = vocab_size
         self.pin = pin_memory
+        # where the loss runs: CUDA -> teacher rows travel compact and are expanded by Batch.to on the device
+        self.device = torch.device(device) if device is not None else torch.device("cuda" if pin_memory else "cpu")
         self.temperature = temperature
         self.target_temperature = float(target_temperature)
         self.top_k = int(top_k)
@@ -155,14 +201,18 @@ class DistributedLoader:
             for s, a, b in pieces:
                 b = min(b, a + left)
                 if b > a:
-                    rows.append(self.cache.read_span(self.cache_index[s], a, b))
+                    rows.append(self.cache.read(self.cache_index[s], a, b))
                     left -= b - a
-            ids = torch.from_numpy(np.concatenate([r[0] for r in rows]).astype(np.int64))
-            probs = torch.from_numpy(np.ascontiguousarray(np.concatenate([r[1] for r in rows]), np.float32))
-            residual = torch.from_numpy(np.ascontiguousarray(np.concatenate([r[2] for r in rows]), np.float32))
-            # the teacher-only part of the loss is computed here, off the training step's critical path
-            batch.kd = prepare_targets(y.reshape(-1), ids, probs, residual, self.temperature, self.top_k,
-                                       target_temperature=self.target_temperature)
+            cat = (lambda j: rows[0][j]) if len(rows) == 1 else (lambda j: np.concatenate([r[j] for r in rows]))
+            ids, codes, table = cat(0), cat(1), rows[-1][3]
+            packed = PackedTargets(torch.from_numpy(ids.view(np.int16)),
+                                   torch.from_numpy(codes.view(np.int16) if codes.dtype == np.uint16 else codes),
+                                   torch.from_numpy(table), self.temperature, self.top_k, self.target_temperature)
+            if self.device.type == "cuda":
+                batch.packed = packed
+            else:
+                # the teacher-only part of the loss is computed here, off the training step's critical path
+                batch.kd = packed.expand(y, self.device)
         if self.pin:
             batch = batch.pin_memory()
         return batch

@@ -33,7 +33,12 @@ def add_parser(subparsers) -> None:
     pc.add_argument("--batch-tokens", type=int, default=8192, help="padded tokens per forward batch")
     pc.add_argument("--keep-teacher-space", default=None, metavar="DIR2", help="also keep teacher-space records here")
     pc.add_argument("--chunk-rows", type=int, default=65536, help="rows per cache chunk (default 65536)")
-    pc.add_argument("--prob-bits", type=int, default=12, help="bits per stored probability code (default 12)")
+    pc.add_argument("--format-version", type=int, default=2, choices=[1, 2],
+                    help="cache format: 2 (default) log-coded probabilities, entries below --min-prob folded into "
+                         "the residual bucket (~half the bytes of 1); 1 keeps every entry with 12-bit sqrt codes")
+    pc.add_argument("--min-prob", type=float, default=1e-3,
+                    help="format 2: stored probabilities below this go to the residual bucket (default 1e-3)")
+    pc.add_argument("--prob-bits", type=int, default=12, help="format 1: bits per probability code (default 12)")
     pc.add_argument("--zstd-level", type=int, default=12, help="zstd level (default 12)")
     pc.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     pc.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
@@ -51,13 +56,16 @@ def _precompute(args) -> int:
                         ("--chunk-rows", args.chunk_rows, 1)):
         if v < lo:
             raise DistillError(f"{flag} {v}: must be >= {lo}")
+    if not 0 < args.min_prob < 0.5:
+        raise DistillError(f"--min-prob {args.min_prob}: must lie in (0, 0.5)")
     if not 6 <= args.prob_bits <= 16:
         raise DistillError(f"--prob-bits {args.prob_bits}: must lie in [6, 16]")
     cfg = PrecomputeConfig(
         teacher=args.teacher, tokenizer=args.tokenizer, shards=args.shards, out=args.out, backend=args.backend,
         k=args.k, k_student=args.k_student, num_workers=args.num_shards, worker_index=args.shard_index,
         max_model_len=args.max_model_len, batch_tokens=args.batch_tokens, keep_teacher_space=args.keep_teacher_space,
-        chunk_rows=args.chunk_rows, prob_bits=args.prob_bits, zstd_level=args.zstd_level, device=args.device,
+        chunk_rows=args.chunk_rows, prob_bits=args.prob_bits, format_version=args.format_version,
+        min_prob=args.min_prob, zstd_level=args.zstd_level, device=args.device,
         dtype=args.dtype,
         progress=not args.no_progress,
     )

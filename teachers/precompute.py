@@ -45,7 +45,9 @@ class PrecomputeConfig:
     batch_tokens: int = 8192
     keep_teacher_space: str | None = None
     chunk_rows: int = dc.DEFAULT_CHUNK_ROWS
-    prob_bits: int = dc.DEFAULT_PROB_BITS
+    prob_bits: int = dc.DEFAULT_PROB_BITS  # format 1 only
+    format_version: int = dc.FORMAT_VERSION  # cache format written (2: log codes + adaptive k; 1: sqrt codes)
+    min_prob: float = dc.DEFAULT_MIN_PROB  # format 2: stored entries below this go into the residual bucket
     zstd_level: int = dc.DEFAULT_ZSTD_LEVEL
     device: str | None = None
     dtype: str | None = None  # teacher compute dtype; None/"auto" = the backend's default (bf16 where fast)
@@ -135,7 +137,7 @@ class Precompute:
 
     # ------------------------------------------------------------------ plan / resume
     def _plan(self) -> dict:
-        plan = {"format": dc.FORMAT, "format_version": dc.FORMAT_VERSION, **self.meta, "k": self.k_s,
+        plan = {"format": dc.FORMAT, "format_version": self.cfg.format_version, "min_prob": self.cfg.min_prob, **self.meta, "k": self.k_s,
                 "chunk_rows": self.cfg.chunk_rows, "prob_bits": self.cfg.prob_bits,
                 "zstd_level": self.cfg.zstd_level, "batch_tokens": self.cfg.batch_tokens,
                 "student_tokenizer_sha256": self.tok_hash, "shards": self.recs}
@@ -212,7 +214,8 @@ class Precompute:
 
     def _write(self, si: int, ci: int, ids, probs, flags, stats, tspace) -> int:
         n = dc.write_chunk(self.cfg.out, si, ci, ids, probs, flags, bits=self.cfg.prob_bits,
-                           level=self.cfg.zstd_level, stats=stats)
+                           level=self.cfg.zstd_level, stats=stats, format_version=self.cfg.format_version,
+                           min_prob=self.cfg.min_prob)
         if tspace is not None:
             write_bytes_atomic(Path(self.cfg.keep_teacher_space) / f"s{si:05d}" / f"c{ci:06d}.dkt", tspace)
         return n
@@ -349,8 +352,7 @@ class Precompute:
     def _projected_nll(self, ids, probs, flags, targets, stats) -> None:
         """NLL of the actual next tokens under the targets as they will be read back: a stored id's
         probability, else the residual spread evenly over the ids not stored."""
-        qids, codes = dc.quantize_probs(ids, probs, self.cfg.prob_bits)
-        deq = dc.dequantize_codes(codes, self.cfg.prob_bits)
+        qids, deq = dc.roundtrip_probs(ids, probs, self.cfg.format_version, self.cfg.prob_bits, self.cfg.min_prob)
         resid = np.float32(1.0) - deq.sum(axis=1, dtype=np.float32)
         rows = np.flatnonzero(flags != dc.FLAG_NONE)
         p_hit = (deq[rows] * (qids[rows] == targets[rows, None])).sum(axis=1)

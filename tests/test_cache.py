@@ -51,17 +51,46 @@ def _row_sorted(ids, probs):
 
 
 def test_roundtrip_precision_and_residual_identity(small_cache):
+    """v2 (the default): each row keeps exactly its entries with p >= min_prob, largest first, each within
+    the log code's half step (2.8 %) — one more step where a row had to be pulled under 1."""
     out, _shards, targets = small_cache
+    assert dc.CacheReader(out).format_version == 2
+    half_step = np.expm1(-np.log(dc.DEFAULT_MIN_PROB) / (dc.DEFAULT_LEVELS - 1) / 2)
     for si, (ids, probs, _res) in enumerate(targets):
         rids, rprobs, rres = dc.load_targets(out, si)
         assert rids.shape == ids.shape and rprobs.dtype == np.float32 and rres.dtype == np.float32
-        sids, sprobs = _row_sorted(ids, probs)
-        assert np.array_equal(rids.astype(np.int64), sids)  # same id sets (stored sorted by id)
-        assert np.abs(rprobs - sprobs).max() <= 2.5e-4  # 12-bit sqrt codes: <= sqrt(p)/4095 + one fix step
+        assert np.all(np.diff(rprobs, axis=1) <= 0)  # largest first, empty slots (p = 0) last
+        for i in range(len(ids)):
+            keep = probs[i] >= dc.DEFAULT_MIN_PROB
+            want = dict(zip(ids[i][keep].tolist(), probs[i][keep].tolist()))
+            got = {int(j): float(p) for j, p in zip(rids[i], rprobs[i]) if p > 0}
+            assert got.keys() == want.keys(), i
+            for j, p in got.items():
+                assert abs(p / want[j] - 1) <= half_step + 1e-6, (i, j, p, want[j])
         assert np.array_equal(rres, np.float32(1) - rprobs.sum(1, dtype=np.float32))
         assert rres.min() >= 0.0
         empty = probs.sum(1) == 0
         assert np.all(rprobs[empty].sum(1) == 0) and np.all(rres[empty] == 1.0)
+
+
+def test_v1_still_written_and_read(tmp_path, sp1024_path):
+    rng = np.random.default_rng(3)
+    shard = tmp_path / "fineweb_val_000000.bin"
+    write_shard(shard, rng.integers(0, VOCAB, 1500))
+    ids, probs, res = _targets(rng, 1500, 16)
+    out = tmp_path / "v1"
+    dc.write_cache_from_arrays(out, [shard], sp1024_path, [(ids, probs, res)],
+                               {"chunk_rows": 512, "format_version": 1})
+    r = dc.CacheReader(out)
+    assert r.format_version == 1 and json.loads((out / "manifest.json").read_text())["format_version"] == 1
+    rids, rprobs, rres = dc.load_targets(out, 0)
+    sids, sprobs = _row_sorted(ids, probs)
+    assert np.array_equal(rids.astype(np.int64), sids)  # v1 stores each row's ids sorted
+    assert np.abs(rprobs - sprobs).max() <= 2.5e-4  # 12-bit sqrt codes: <= sqrt(p)/4095 + one fix step
+    assert np.array_equal(rres, np.float32(1) - rprobs.sum(1, dtype=np.float32))
+    for a, b in ((0, 1), (500, 1100), (1499, 1500)):
+        for x, y in zip(r.read_span(0, a, b), (rids, rprobs, rres)):
+            assert np.array_equal(x, y[a:b])
 
 
 def test_quantize_never_exceeds_one():

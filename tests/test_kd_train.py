@@ -103,11 +103,15 @@ def test_loader_cache_rows_align_with_inputs(kd_data):
             has = b.kd.has.bool()
             assert has.float().mean() > 0.99
             m = has.numpy()
-            want_ids = kd_data["top"][x][m]
-            order = np.argsort(want_ids, axis=1)  # the cache stores each row's ids sorted
-            assert np.array_equal(ids[m], np.take_along_axis(want_ids, order, 1))
-            want_p = np.take_along_axis(kd_data["topp"][x][m], order, 1)
-            assert np.allclose(probs.numpy()[m], want_p, atol=3e-3)  # 12-bit sqrt-coded probabilities
+            # the default cache (v2) stores each row's entries with p >= min_prob, largest first
+            want_ids, want_p = kd_data["top"][x][m], kd_data["topp"][x][m]
+            got_ids, got_p = ids[m], probs.numpy()[m]
+            for i in range(0, len(want_ids), 7):
+                keep = want_p[i] >= 1e-3
+                want = dict(zip(want_ids[i][keep].tolist(), want_p[i][keep].tolist()))
+                got = {int(j): float(p) for j, p in zip(got_ids[i], got_p[i]) if p > 0}
+                assert got.keys() == want.keys()
+                assert all(abs(got[j] / want[j] - 1) < 0.03 for j in got)  # log codes: <= 2.8 % relative
             assert torch.allclose(probs.sum(1) + residual, torch.ones(len(x)), atol=1e-5)
         ld.close()
 
