@@ -8,9 +8,10 @@ cores (separate run dirs: the compute per run differs).
 Workdir layout (every stage is reused when its output exists, so a rerun resumes):
   tokenizer.model            student tokenizer (challenge spec; or --tokenizer)
   train/ val/                challenge-format shards of --train-docs / --val-docs (val docs never trained on)
-  cache/  cache_val/         teacher targets on the train shards (KD) and on the val shards (teacher bpb)
+  cache_f2/ cache_val_f2/    teacher targets (cache format 2, the default) on the train shards (KD) and on
+                             the val shards (teacher bpb); cache/ cache_val/ with --cache-format 1
   runs/ce_m{M}[_sbs]_s{seed}/   CE student checkpoints + metrics.jsonl (reused by every KD setting)
-  runs/kd_a{α}_k{k_s}_{schedule}[_tt{τ_t}]_m{M}[_sbs]_s{seed}/   KD students, one directory per setting (a sweep
+  runs/kd_a{α}_k{k_s}_{schedule}[_tt{τ_t}]_m{M}[_f2][_sbs]_s{seed}/   KD students, one directory per setting (a sweep
                              shares the workdir and its CE runs)
   kd_vs_ce.png, result.json  the latest invocation; result_{kd tag}.json keeps each setting's result
 """
@@ -66,7 +67,8 @@ def run_bench_kd(teacher: str, train_docs: Path, val_docs: Path, workdir: Path, 
                  kd_alpha: float = DEFAULT_ALPHA, kd_top_k: int = DEFAULT_TOP_K,
                  kd_schedule: str = DEFAULT_SCHEDULE, kd_target_temperature: float = DEFAULT_TARGET_TEMPERATURE,
                  config: Path | None = None, backend: str = "hf",
-                 vocab_size: int = 1024, max_model_len: int | None = 2048, sequential: bool = False) -> dict:
+                 vocab_size: int = 1024, max_model_len: int | None = 2048, sequential: bool = False,
+                 cache_format: int = 2) -> dict:
     workdir.mkdir(parents=True, exist_ok=True)
     logs = workdir / "logs"
     for p in (train_docs, val_docs):
@@ -85,13 +87,21 @@ def run_bench_kd(teacher: str, train_docs: Path, val_docs: Path, workdir: Path, 
                                                      "--out", str(workdir / split), *extra), logs / f"{split}.log")
     train_glob, val_glob = str(workdir / "train" / "fineweb_train_*.bin"), str(workdir / "val" / "fineweb_val_*.bin")
     mml = ["--max-model-len", str(max_model_len)] if max_model_len else []
-    for name, glob in (("cache", train_glob), ("cache_val", val_glob)):
-        if not (workdir / name / "manifest.json").exists():
-            run_stage(f"precompute-{name}", distill_cmd(
+    if cache_format not in (1, 2):
+        raise DistillError(f"--cache-format {cache_format}: expected 1 or 2")
+    # format 1 keeps the names of workdirs made before format 2 existed (their caches are format 1)
+    fsuf = "" if cache_format == 1 else f"_f{cache_format}"
+    cache_dir, cache_val = workdir / f"cache{fsuf}", workdir / f"cache_val{fsuf}"
+    for cdir, glob in ((cache_dir, train_glob), (cache_val, val_glob)):
+        if not (cdir / "manifest.json").exists():
+            run_stage(f"precompute-{cdir.name}", distill_cmd(
                 "teacher", "precompute", "--teacher", teacher, "--backend", backend, "--tokenizer", str(tok),
-                "--shards", glob, "--k", str(k), "--out", str(workdir / name), *mml), logs / f"{name}.log")
-    info = run_stage("cache-info", distill_cmd("cache", "info", str(workdir / "cache_val"), "--json"),
+                "--shards", glob, "--k", str(k), "--format-version", str(cache_format), "--out", str(cdir), *mml),
+                logs / f"{cdir.name}.log")
+    info = run_stage("cache-info", distill_cmd("cache", "info", str(cache_val), "--json"),
                      logs / "cache_info.log", json_last=True, echo=False)
+    train_info = run_stage("cache-info-train", distill_cmd("cache", "info", str(cache_dir), "--json"),
+                           logs / "cache_info_train.log", json_last=True, echo=False)
 
     cfg = Path(config) if config else REPO_CONFIGS / "demo_student.toml"
     data = ["--data.train_shards", train_glob, "--data.val_shards", val_glob, "--data.tokenizer", str(tok)]
@@ -101,7 +111,7 @@ def run_bench_kd(teacher: str, train_docs: Path, val_docs: Path, workdir: Path, 
     if not kd_target_temperature > 0:
         raise DistillError(f"--kd-target-temperature: must be positive, got {kd_target_temperature}")
     tt = "" if kd_target_temperature == 1.0 else f"_tt{_num(kd_target_temperature)}"
-    kd_tag = f"kd_a{_num(kd_alpha)}_k{kd_top_k or k}_{kd_schedule}{tt}_m{_num(minutes)}"
+    kd_tag = f"kd_a{_num(kd_alpha)}_k{kd_top_k or k}_{kd_schedule}{tt}_m{_num(minutes)}{fsuf}"
     halves = None if sequential else split_cores(2)
     lay = "" if halves is None else "_sbs"  # side-by-side runs get their own dirs: half the cores each
     kd_tag += lay
@@ -113,7 +123,7 @@ def run_bench_kd(teacher: str, train_docs: Path, val_docs: Path, workdir: Path, 
         todo = []
         for mode in ("ce", "kd"):
             out = run_dir(mode, seed)
-            extra = [] if mode == "ce" else ["--teacher-cache", str(workdir / "cache"), "--kd.alpha", str(kd_alpha),
+            extra = [] if mode == "ce" else ["--teacher-cache", str(cache_dir), "--kd.alpha", str(kd_alpha),
                                              "--kd.top_k", str(kd_top_k), "--kd.alpha_schedule", kd_schedule,
                                              "--kd.target_temperature", str(kd_target_temperature)]
             if not (out / "model.safetensors").exists():
@@ -171,6 +181,7 @@ def run_bench_kd(teacher: str, train_docs: Path, val_docs: Path, workdir: Path, 
         "teacher_bpb": info.get("teacher_bpb", info.get("projected_teacher_bpb")),
         "projected_teacher_bpb": info.get("projected_teacher_bpb"),
         "aligned_fraction": info.get("aligned_fraction"),
+        "cache_format": cache_format, "cache_bytes_per_token": train_info.get("bytes_per_token"),
         "settings": {"teacher": teacher, "backend": backend, "k": k, "kd_alpha": kd_alpha,
                      "kd_top_k": kd_top_k or k, "kd_schedule": kd_schedule,
                      "kd_target_temperature": kd_target_temperature,
@@ -272,6 +283,8 @@ def add_subparser(sub) -> None:
     p.add_argument("--sequential", action="store_true",
                    help="train CE and KD one after the other on all cores (default: side by side, each pinned to "
                         "half the cores, so outside load on a shared machine hits both alike)")
+    p.add_argument("--cache-format", type=int, default=2, choices=[1, 2],
+                   help="teacher cache format (default 2; 1 = the old full-precision format, for comparisons)")
     p.add_argument("--workdir", required=True, type=Path)
     p.add_argument("--json", action="store_true", help="print the result as one JSON line last")
     p.set_defaults(func=_cmd)
@@ -282,7 +295,8 @@ def _cmd(args) -> int:
                      minutes=args.minutes, seeds=args.seeds, k=args.k, kd_alpha=args.kd_alpha,
                      kd_top_k=args.kd_top_k, kd_schedule=args.kd_schedule,
                      kd_target_temperature=args.kd_target_temperature, config=args.config,
-                     backend=args.backend, max_model_len=args.max_model_len, sequential=args.sequential)
+                     backend=args.backend, max_model_len=args.max_model_len, sequential=args.sequential,
+                     cache_format=args.cache_format)
     print_table(r)
     print(f"plot: {r['plot']}", file=sys.stderr)
     if args.json:

@@ -99,6 +99,7 @@ def test_bench_kd_end_to_end(demo, tmp_path):
     assert r["settings"]["k"] == 8 and r["settings"]["kd_top_k"] == 8
     assert r["settings"]["kd_schedule"] == "constant" and r["settings"]["kd_target_temperature"] == 1.0
     assert r["settings"]["layout"] in ("side-by-side", "sequential")
+    assert r["cache_format"] == 2 and 0 < r["cache_bytes_per_token"] < 40
     assert isinstance(r["noisy_seeds"], list) and all(ms > 0 for ms in r["ce_step_ms"] + r["kd_step_ms"])
     assert len(list((tmp_path / "w" / "runs").glob("*/bench_score.json"))) == 2  # scores memoized per run
     assert os.path.getsize(r["plot"]) > 1000
