@@ -22,12 +22,14 @@ import json
 import statistics
 import sys
 from pathlib import Path
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from distill.errors import DistillError
 from distill.fsutil import write_json_atomic
 from distill.runner import distill_cmd, run_side_by_side, run_stage, split_cores, train_cmd
+
+if TYPE_CHECKING:  # numpy loads inside the functions: `distill bench --help` stays fast
+    import numpy as np
 
 REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 # defaults: the sweeps in docs/RESULTS.md (12 min side by side: alpha 0.5 constant beat anneal and alpha 0.9;
@@ -50,12 +52,16 @@ def _read_metrics(run: Path) -> list[dict]:
 
 
 def _evals(rows: list[dict]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    import numpy as np
+
     ev = [r for r in rows if "val_bpb" in r]
     return (np.array([r.get("elapsed_s", 0.0) for r in ev]), np.array([r.get("tokens", 0) for r in ev], float),
             np.array([r["val_bpb"] for r in ev]))
 
 
 def _bpb_at_tokens(rows: list[dict], tokens: float) -> float | None:
+    import numpy as np
+
     _, tok, bpb = _evals(rows)
     if len(tok) < 2 or tokens < tok[0]:
         return None
@@ -63,7 +69,7 @@ def _bpb_at_tokens(rows: list[dict], tokens: float) -> float | None:
 
 
 def run_bench_kd(teacher: str, train_docs: Path, val_docs: Path, workdir: Path, tokenizer: Path | None = None,
-                 minutes: float = DEFAULT_MINUTES, seeds: int = 3, k: int = 32,
+                 minutes: float = DEFAULT_MINUTES, seeds: int = 3, k: int = 16,
                  kd_alpha: float = DEFAULT_ALPHA, kd_top_k: int = DEFAULT_TOP_K,
                  kd_schedule: str = DEFAULT_SCHEDULE, kd_target_temperature: float = DEFAULT_TARGET_TEMPERATURE,
                  config: Path | None = None, backend: str = "hf",
@@ -264,7 +270,7 @@ def add_subparser(sub) -> None:
     p.add_argument("--minutes", type=float, default=DEFAULT_MINUTES,
                    help=f"wall-clock per student run (default {DEFAULT_MINUTES:g})")
     p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--k", type=int, default=32, help="teacher top-k")
+    p.add_argument("--k", type=int, default=16, help="teacher top-k (default 16, as `distill teacher precompute`)")
     p.add_argument("--kd-alpha", type=float, default=DEFAULT_ALPHA,
                    help=f"KD weight alpha (default {DEFAULT_ALPHA:g}, the sweep's best)")
     p.add_argument("--kd-top-k", type=int, default=DEFAULT_TOP_K,

@@ -18,12 +18,13 @@ uint16 [R, k] array, transposed, low bytes then high bytes) — ids sorted per r
 code = round(sqrt(p) * (2^bits-1)). ~31 B/token at k=16 on real targets.
 
 v2 (one zstd frame per block of `block_rows` rows, so a span decodes only the blocks it touches; each
-block's size and sha256 are in the header): flags uint8[n] | id low bytes uint8[n, k] | id high bytes
-uint8[n, k] | code deltas uint8[n, k], all row-major (zstd finds repeated contexts as repeated rows).
-Slots are ordered by probability, largest first; entries with p < min_prob (default 1e-3) are dropped into
-the residual (per-row adaptive k), and each kept p is a log code c in 1..levels (default 127):
-log p = log(min_prob) * (1 - (c-1)/(levels-1)), relative error <= 2.8 %; c = 0 is an empty slot (id 0).
-Codes are non-increasing along a row and stored as differences (c0, c0-c1, ...). ~16 B/token at k=16.
+block's row count, entry count, size and sha256 are in the header). Per row only the kept entries are stored:
+entries with p < min_prob (default 2e-3) go into the residual (per-row adaptive k: ~8 of 16 on real rows),
+and each kept p is a log code c in 1..levels (default 127): log p = log(min_prob)·(1 − (c−1)/(levels−1)),
+relative error <= 2.5 %. A block of n rows holding E entries is: flags uint8[n] | counts uint8[n] |
+id-delta low bytes uint8[E] | id-delta high bytes uint8[E] | codes uint8[E], each row's entries in
+ascending id order, its first delta the id itself. Readers expand rows to [n, k] (id 0 / code 0 = empty slot).
+~15 B/token at k=16 on SmolLM2 FineWeb targets (v1: ~31).
 
 Both versions: codes are adjusted so that the dequantised row never sums above 1, and the residual is
 recomputed on read as 1 - sum(dequantised probs), so probs + residual = 1 to float32 rounding. Every zstd
@@ -53,11 +54,12 @@ CHUNK_VERSION = 2
 DEFAULT_CHUNK_ROWS = 65536
 DEFAULT_PROB_BITS = 12  # v1 only
 DEFAULT_ZSTD_LEVEL = 12
-DEFAULT_MIN_PROB = 1e-3  # v2: stored entries below this go into the residual
+DEFAULT_MIN_PROB = 2e-3  # v2: stored entries below this go into the residual
 DEFAULT_LEVELS = 127  # v2: log-code levels (codes 1..levels; 0 = empty slot)
 DEFAULT_BLOCK_ROWS = 8192  # v2: rows per zstd frame
 MAX_ROWS = 1 << 24  # sanity bounds on a chunk header (a hostile header must not make us allocate)
 MAX_K = 4096
+MAX_K_V2 = 255  # v2 stores per-row entry counts in one byte
 
 # row flags (kd-method step 4)
 FLAG_NONE = 0  # no target
@@ -177,18 +179,28 @@ def encode_chunk(ids: np.ndarray, probs: np.ndarray, flags: np.ndarray, *, bits:
     elif format_version == 2:
         if not 2 <= levels <= 255 or not 0 < min_prob < 1:
             raise DistillError(f"levels {levels} / min_prob {min_prob}: need 2 <= levels <= 255, 0 < min_prob < 1")
+        if k > MAX_K_V2:
+            raise DistillError(f"k {k}: format 2 stores at most {MAX_K_V2} entries per row (use format 1)")
         qids, codes = quantize_probs_v2(ids, probs, levels, min_prob)
-        deltas = codes.copy()
-        deltas[:, 1:] = codes[:, :-1] - codes[:, 1:]
-        lohi = qids.astype("<u2").view(np.uint8).reshape(rows, k, 2)
+        kept = codes > 0
+        # entries of a row in ascending id order (empty slots last), ids delta-coded within the row
+        order = np.argsort(np.where(kept, qids.astype(np.int64), 1 << 20), axis=1, kind="stable")
+        sids = np.take_along_axis(qids, order, axis=1).astype(np.int64)
+        scodes = np.take_along_axis(codes, order, axis=1)
+        d = sids.copy()
+        d[:, 1:] = sids[:, 1:] - sids[:, :-1]
+        counts = kept.sum(axis=1).astype(np.uint8)
         frames, blocks = [], []
         for b0 in range(0, max(rows, 1), block_rows):
             sl = slice(b0, min(b0 + block_rows, rows))
-            raw = (flags[sl].tobytes() + np.ascontiguousarray(lohi[sl, :, 0]).tobytes()
-                   + np.ascontiguousarray(lohi[sl, :, 1]).tobytes() + deltas[sl].tobytes())
+            m = np.arange(k)[None, :] < counts[sl, None].astype(np.int64)  # the kept slots, row-major
+            dd, cc = d[sl][m].astype("<u2"), scodes[sl][m]
+            raw = (flags[sl].tobytes() + counts[sl].tobytes() + (dd & 0xFF).astype(np.uint8).tobytes()
+                   + (dd >> 8).astype(np.uint8).tobytes() + cc.tobytes())
             comp = cctx.compress(raw)
             frames.append(comp)
-            blocks.append({"rows": sl.stop - sl.start, "bytes": len(comp), "sha256": sha256_bytes(comp)})
+            blocks.append({"rows": sl.stop - sl.start, "entries": int(m.sum()), "bytes": len(comp),
+                           "sha256": sha256_bytes(comp)})
         header = {"rows": rows, "k": k, "levels": levels, "min_prob": min_prob, "blocks": blocks,
                   "stats": stats or {}}
     else:
@@ -223,8 +235,10 @@ def read_chunk_header(path: Path, data: bytes | None = None) -> tuple[dict, int]
         else:
             if not 2 <= int(header["levels"]) <= 255 or not 0 < float(header["min_prob"]) < 1:
                 raise ValueError
-            if sum(int(b["rows"]) for b in header["blocks"]) != rows or any(int(b["rows"]) < 0 or int(b["bytes"]) < 0
-                                                                            for b in header["blocks"]):
+            blocks = header["blocks"]
+            if k > MAX_K_V2 or sum(int(b["rows"]) for b in blocks) != rows or any(
+                    int(b["rows"]) < 0 or int(b["bytes"]) < 0 or not 0 <= int(b["entries"]) <= int(b["rows"]) * k
+                    for b in blocks):
                 raise ValueError
     except (ValueError, KeyError, TypeError):
         raise DistillError(f"{path}: corrupt chunk header") from None
@@ -275,31 +289,39 @@ def decode_chunk_codes(path: Path, lo: int = 0, hi: int | None = None
         codes = planes[2].astype(np.uint16) | (planes[3].astype(np.uint16) << 8)
         return (np.ascontiguousarray(deltas.T), np.ascontiguousarray(codes.T), flags,
                 dequantize_table(1, bits=int(header["prob_bits"])))
-    parts, b0, pos = [], 0, off
+    levels = int(header["levels"])
+    ids = np.zeros((hi - lo, k), np.uint16)
+    codes = np.zeros((hi - lo, k), np.uint8)
+    flags = np.zeros(hi - lo, np.uint8)
+    b0, pos = 0, off
     for blk in header["blocks"]:
-        nb, size = int(blk["rows"]), int(blk["bytes"])
+        nb, ne, size = int(blk["rows"]), int(blk["entries"]), int(blk["bytes"])
         b1 = b0 + nb
         if b1 > lo and b0 < hi:
             comp = data[pos:pos + size]
             if len(comp) != size or sha256_bytes(comp) != blk["sha256"]:
                 raise DistillError(f"{path}: chunk checksum mismatch (corrupt file)")
-            raw = np.frombuffer(_decompress(path, comp, nb * (1 + 3 * k)), dtype=np.uint8)
+            raw = np.frombuffer(_decompress(path, comp, 2 * nb + 3 * ne), dtype=np.uint8)
+            counts = raw[nb:2 * nb].astype(np.int64)
+            if int(counts.sum()) != ne or (nb and int(counts.max()) > k):
+                raise DistillError(f"{path}: corrupt chunk (entry counts disagree with the header)")
+            d = raw[2 * nb:2 * nb + ne].astype(np.uint16) | (raw[2 * nb + ne:2 * nb + 2 * ne].astype(np.uint16) << 8)
+            c = raw[2 * nb + 2 * ne:]
+            if ne and (int(c.min()) < 1 or int(c.max()) > levels):
+                raise DistillError(f"{path}: corrupt chunk (code outside 1..{levels})")
+            # per-row prefix sums of the id deltas, as one running sum minus each row's starting value
+            run = np.cumsum(d, dtype=np.int64)
+            ends = np.cumsum(counts)
+            before = np.concatenate(([0], run))[ends - counts]
+            flat_ids = run - np.repeat(before, counts)
             a, b = max(lo - b0, 0), min(hi, b1) - b0
-            m = raw[nb:].reshape(3, nb, k)
-            parts.append((raw[a:b], m[0, a:b], m[1, a:b], m[2, a:b]))
+            m = np.arange(k)[None, :] < counts[a:b, None]
+            e0, e1 = int(ends[a] - counts[a]) if b > a else 0, int(ends[b - 1]) if b > a else 0
+            o = b0 + a - lo
+            ids[o:o + b - a][m] = flat_ids[e0:e1]
+            codes[o:o + b - a][m] = c[e0:e1]
+            flags[o:o + b - a] = raw[a:b]
         b0, pos = b1, pos + size
-    flags = np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, np.uint8)
-    lo_b = np.concatenate([p[1] for p in parts]) if parts else np.zeros((0, k), np.uint8)
-    hi_b = np.concatenate([p[2] for p in parts]) if parts else np.zeros((0, k), np.uint8)
-    d = np.concatenate([p[3] for p in parts]) if parts else np.zeros((0, k), np.uint8)
-    ids = lo_b.astype(np.uint16) | (hi_b.astype(np.uint16) << 8)
-    codes = np.empty_like(d)
-    codes[:, :1] = d[:, :1]
-    for j in range(1, k):  # undo the differences column by column (k vector ops; uint8 wraps exactly)
-        np.subtract(codes[:, j - 1], d[:, j], out=codes[:, j])
-    levels = int(header["levels"])
-    if codes.size and int(codes.max()) > levels:
-        raise DistillError(f"{path}: corrupt chunk (code above {levels})")
     return ids, codes, flags, dequantize_table(2, levels=levels, min_prob=float(header["min_prob"]))
 
 

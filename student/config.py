@@ -69,7 +69,8 @@ class DataConfig:
     train_shards: str = "data/datasets/fineweb10B_sp1024/fineweb_train_*.bin"
     val_shards: str = "data/datasets/fineweb10B_sp1024/fineweb_val_*.bin"
     tokenizer: str = "data/tokenizers/fineweb_1024_bpe.model"
-    prefetch: int = 4  # batches decoded ahead by the loader thread
+    prefetch: int = 4  # batches decoded ahead by the loader threads
+    loader_workers: int = 0  # loader producer threads per rank; 0 = auto (2 when training on CUDA, else 1)
 
 
 @dataclass

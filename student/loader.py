@@ -19,6 +19,7 @@ built from it yields the same next batches.
 
 from __future__ import annotations
 
+import dataclasses
 import queue
 import threading
 from dataclasses import dataclass
@@ -38,25 +39,44 @@ class PackedTargets:
 
     ids: torch.Tensor  # (N, k) int16 holding uint16 ids (bit pattern)
     codes: torch.Tensor  # (N, k) uint8 (v2) or int16 holding uint16 (v1) probability codes
-    table: torch.Tensor  # (C,) float32: probability of each code
+    table: torch.Tensor  # (C,) float32: probability of each code (table[0] = 0: an empty slot)
     temperature: float = 1.0
     top_k: int = 0
     target_temperature: float = 1.0
+    wide_ids: bool = True  # ids may exceed 32767 (int16 sign bit set): mask them back to uint16
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.ids, self.codes))
 
     def expand(self, targets: torch.Tensor, device: torch.device) -> KDTargets:
-        """Move the codes to `device` and build the KDTargets there (dequantise + prepare_targets)."""
+        """Move the codes to `device` and build the KDTargets there. Equal, bit for bit, to
+        prepare_targets(targets, ids, table[codes], 1 − Σ table[codes], ...): at τ = 1 without k_s truncation
+        the teacher-only terms come from per-code lookups (Σ q log q through a table of c·log c), which is
+        what makes the expansion cheap enough for the record pace; otherwise prepare_targets runs."""
         nb = device.type == "cuda"
-        ids = self.ids.to(device, non_blocking=nb).int() & 0xFFFF
+        n, k = self.ids.shape
+        index = torch.empty((n, k + 1), dtype=torch.long, device=device)
+        index[:, 0] = targets.to(device, non_blocking=nb).reshape(-1)
+        index[:, 1:] = self.ids.to(device, non_blocking=nb)
+        if self.wide_ids:
+            index[:, 1:] &= 0xFFFF
         codes = self.codes.to(device, non_blocking=nb).int()
         if self.codes.dtype == torch.int16:
-            codes = codes & 0xFFFF
-        probs = self.table.to(device, non_blocking=nb)[codes]
-        residual = 1.0 - probs.sum(dim=1)
-        return prepare_targets(targets.to(device, non_blocking=nb).reshape(-1), ids, probs, residual,
-                               self.temperature, self.top_k, target_temperature=self.target_temperature)
+            codes &= 0xFFFF
+        table = self.table.to(device, non_blocking=nb)
+        flat = codes.reshape(-1)
+        q = table.index_select(0, flat).view(n, k)
+        mass = q.sum(dim=1)
+        residual = 1.0 - mass
+        fast = self.temperature == 1.0 and self.target_temperature == 1.0 and not 0 < self.top_k < k
+        if not fast:
+            return prepare_targets(index[:, 0], index[:, 1:], q, residual, self.temperature, self.top_k,
+                                   target_temperature=self.target_temperature)
+        present = codes > 0  # table[c] > 0 exactly when c > 0
+        has = mass > 0  # a sum of non-negative terms is 0 only when every slot is empty
+        r = torch.where(has, residual.clamp(0.0, 1.0), torch.ones_like(residual))
+        qlogq = torch.xlogy(table, table).index_select(0, flat).view(n, k).sum(dim=1)
+        return KDTargets(index, q, present.float(), r, has.float(), qlogq + torch.xlogy(r, r), self.temperature)
 
 
 @dataclass
@@ -80,25 +100,30 @@ class Batch:
         kd = None if self.kd is None else self.kd.map(lambda t: t.pin_memory())
         packed = self.packed
         if packed is not None:
-            packed = PackedTargets(packed.ids.pin_memory(), packed.codes.pin_memory(), packed.table,
-                                   packed.temperature, packed.top_k, packed.target_temperature)
+            packed = dataclasses.replace(packed, ids=packed.ids.pin_memory(), codes=packed.codes.pin_memory())
         return Batch(self.x.pin_memory(), self.y.pin_memory(), kd, packed)
 
 
 class SpanCodes:
     """read_span_codes over a CacheReader. v2 caches decode only the blocks a span touches; a v1 chunk must
     be decoded whole, so the last `keep` decoded v1 chunks are kept for the next spans (consecutive steps
-    read consecutive rows). Only the loader thread touches it."""
+    read consecutive rows). The v1 memo is guarded by a lock (the loader may run several producer threads)."""
 
     def __init__(self, reader, keep: int = 2):
         self.reader, self.keep = reader, keep
         self.rows = int(reader.chunk_rows)
         self.memo = reader.format_version == 1
+        self.wide_ids = int(reader.manifest.get("student_vocab_size") or 65536) > 32768
         self.decoded: dict[tuple[int, int], tuple[np.ndarray, ...]] = {}
+        self.lock = threading.Lock()  # the v1 memo is shared by the loader's producer threads
 
     def read(self, shard: int, start: int, end: int) -> tuple[np.ndarray, ...]:
         if not self.memo:
             return self.reader.read_span_codes(shard, start, end)
+        with self.lock:
+            return self._read_memo(shard, start, end)
+
+    def _read_memo(self, shard: int, start: int, end: int) -> tuple[np.ndarray, ...]:
         parts, table = [], None
         for ci in range(start // self.rows, -(-end // self.rows)):
             arrs = self.decoded.get((shard, ci))
@@ -133,7 +158,7 @@ class DistributedLoader:
                  cache_dir: str | None = None, tokenizer_path: str | None = None, vocab_size: int | None = None,
                  prefetch: int = 4, pin_memory: bool = False, state: dict | None = None,
                  temperature: float = 1.0, top_k: int = 0, target_temperature: float = 1.0,
-                 device: str | torch.device | None = None):
+                 device: str | torch.device | None = None, workers: int = 1):
         if local_tokens % seq_len:
             raise DistillError(f"train.batch_tokens: per-rank micro-batch of {local_tokens} tokens is not a "
                                f"multiple of seq_len {seq_len}")
@@ -157,10 +182,22 @@ class DistributedLoader:
         if cache_dir:
             self.cache, self.cache_index = open_cache(cache_dir, self.paths, tokenizer_path)
         self.state = dict(state) if state else {"shard": 0, "pos": 0, "epoch": 0}
-        self._queue: queue.Queue = queue.Queue(maxsize=max(1, prefetch))
+        # `workers` producer threads build batches i ≡ w (mod workers) from their own copy of the position and
+        # are read round-robin, so the batch sequence and the saved states equal the one-thread loader's
+        # (decoding and expansion release the GIL: two threads ≈ two cores per rank)
+        self.workers = max(1, int(workers))
+        per = max(1, -(-max(1, prefetch) // self.workers))
+        self._queues: list[queue.Queue] = [queue.Queue(maxsize=per) for _ in range(self.workers)]
+        self._turn = 0
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._produce, args=(dict(self.state),), daemon=True)
-        self._thread.start()
+        self._threads = []
+        for w in range(self.workers):
+            st = dict(self.state)
+            for _ in range(w):
+                self._skip(st)
+            th = threading.Thread(target=self._produce, args=(st, w), daemon=True)
+            th.start()
+            self._threads.append(th)
 
     @property
     def distilling(self) -> bool:
@@ -207,7 +244,8 @@ class DistributedLoader:
             ids, codes, table = cat(0), cat(1), rows[-1][3]
             packed = PackedTargets(torch.from_numpy(ids.view(np.int16)),
                                    torch.from_numpy(codes.view(np.int16) if codes.dtype == np.uint16 else codes),
-                                   torch.from_numpy(table), self.temperature, self.top_k, self.target_temperature)
+                                   torch.from_numpy(table), self.temperature, self.top_k, self.target_temperature,
+                                   wide_ids=self.cache.wide_ids)
             if self.device.type == "cuda":
                 batch.packed = packed
             else:
@@ -217,7 +255,12 @@ class DistributedLoader:
             batch = batch.pin_memory()
         return batch
 
-    def _produce(self, st: dict) -> None:
+    def _skip(self, st: dict) -> None:
+        """Advance `st` past one whole step (every rank's span) without reading anything."""
+        self._advance(st, self.world * self.span)
+
+    def _produce(self, st: dict, w: int) -> None:
+        q = self._queues[w]
         while not self._stop.is_set():
             try:
                 item = (self._make(st), dict(st))
@@ -225,20 +268,24 @@ class DistributedLoader:
                 item = (e, None)
             while not self._stop.is_set():
                 try:
-                    self._queue.put(item, timeout=0.1)
+                    q.put(item, timeout=0.1)
                     break
                 except queue.Full:
                     continue
             if item[1] is None:
                 return
+            for _ in range(self.workers - 1):  # the other threads' batches
+                self._skip(st)
 
     def next_batch(self) -> Batch:
-        batch, st = self._queue.get()
+        batch, st = self._queues[self._turn].get()
         if st is None:
             raise batch
+        self._turn = (self._turn + 1) % self.workers
         self.state = st  # position after this batch: what a resumed run starts from
         return batch
 
     def close(self) -> None:
         self._stop.set()
-        self._thread.join(timeout=5)
+        for th in self._threads:
+            th.join(timeout=5)

@@ -130,7 +130,8 @@ class Trainer:
             "rank": self.rank, "world_size": self.world, "vocab_size": cfg.model.vocab_size,
             "cache_dir": cfg.kd.teacher_cache or None, "tokenizer_path": cfg.data.tokenizer or None,
             "prefetch": cfg.data.prefetch, "pin_memory": cuda, "temperature": cfg.kd.temperature,
-            "top_k": cfg.kd.top_k, "target_temperature": cfg.kd.target_temperature}
+            "top_k": cfg.kd.top_k, "target_temperature": cfg.kd.target_temperature,
+            "workers": cfg.data.loader_workers or (2 if cuda else 1)}
         self.loader = DistributedLoader(**self.loader_args, state=loader_state)
         self.val_tokens, self.luts = self._load_val()
         if t.compile_warmup_steps > 0 and not resume:

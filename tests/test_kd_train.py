@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from distill.cache import write_cache_from_arrays
+from distill.cache import DEFAULT_MIN_PROB, write_cache_from_arrays
 from distill.errors import DistillError
 from distill.shards import read_shard, write_shard
 from distill.tokenizer import encode_docs, load_tokenizer, pack_docs
@@ -103,17 +103,86 @@ def test_loader_cache_rows_align_with_inputs(kd_data):
             has = b.kd.has.bool()
             assert has.float().mean() > 0.99
             m = has.numpy()
-            # the default cache (v2) stores each row's entries with p >= min_prob, largest first
+            # the default cache (v2) stores each row's entries with p >= min_prob (in ascending id order)
             want_ids, want_p = kd_data["top"][x][m], kd_data["topp"][x][m]
             got_ids, got_p = ids[m], probs.numpy()[m]
             for i in range(0, len(want_ids), 7):
-                keep = want_p[i] >= 1e-3
+                keep = want_p[i] >= DEFAULT_MIN_PROB
                 want = dict(zip(want_ids[i][keep].tolist(), want_p[i][keep].tolist()))
                 got = {int(j): float(p) for j, p in zip(got_ids[i], got_p[i]) if p > 0}
                 assert got.keys() == want.keys()
                 assert all(abs(got[j] / want[j] - 1) < 0.03 for j in got)  # log codes: <= 2.8 % relative
             assert torch.allclose(probs.sum(1) + residual, torch.ones(len(x)), atol=1e-5)
         ld.close()
+
+
+def _kd_equal(a, b) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(a._tensors(), b._tensors()))
+
+
+def test_two_loader_threads_give_the_one_thread_sequence(kd_data):
+    """workers=2 splits batches between two producer threads; the consumer sees exactly the batches and the
+    resume states of one thread, across chunk, shard and epoch boundaries."""
+    d = kd_data["dir"]
+    args = dict(pattern=str(d / "fineweb_train_*.bin"), seq_len=64, local_tokens=2048, rank=1, world_size=2,
+                cache_dir=str(kd_data["cache"]), tokenizer_path=str(kd_data["tok"]))
+    one, two = DistributedLoader(**args, workers=1), DistributedLoader(**args, workers=2)
+    try:
+        steps = sum(one.sizes) // (2 * 2049) + 3  # one pass over the data and a bit
+        for _ in range(steps):
+            a, b = one.next_batch(), two.next_batch()
+            assert torch.equal(a.x, b.x) and torch.equal(a.y, b.y) and _kd_equal(a.kd, b.kd)
+            assert one.state == two.state
+        assert one.state["epoch"] == 1  # the sequence wrapped around the data
+        resumed = DistributedLoader(**args, workers=2, state=two.state)
+        try:
+            for _ in range(3):
+                a, b = one.next_batch(), resumed.next_batch()
+                assert torch.equal(a.y, b.y) and _kd_equal(a.kd, b.kd)
+        finally:
+            resumed.close()
+    finally:
+        one.close()
+        two.close()
+
+
+@pytest.mark.parametrize("fmt", [1, 2])
+@pytest.mark.parametrize("temperature,top_k", [(1.0, 0), (2.0, 0), (1.0, 3)])
+def test_packed_codes_expand_like_prepare_targets(fmt, temperature, top_k):
+    """The compact path (uint16 ids + codes, expanded where the loss runs) equals prepare_targets on the
+    dequantised rows — bit for bit on the table-lookup fast path, to float32 rounding when tempered."""
+    from distill import cache as dc
+    from distill.losses import prepare_targets
+    from student.loader import Batch, PackedTargets
+
+    rng = np.random.default_rng(fmt)
+    n, k = 500, 8
+    p = rng.dirichlet(np.full(k + 4, 0.3), size=n)[:, :k]
+    ids = np.stack([rng.choice(40000, k, replace=False) for _ in range(n)])  # ids above 32767 too
+    p[::17] = 0.0  # rows without a target
+    if fmt == 1:
+        qids, codes = dc.quantize_probs(ids, p, 12)
+        table = dc.dequantize_table(1, bits=12)
+        tcodes = torch.from_numpy(codes.view(np.int16))
+    else:
+        qids, codes = dc.quantize_probs_v2(ids, p)
+        table = dc.dequantize_table(2)
+        tcodes = torch.from_numpy(codes)
+    y = torch.from_numpy(rng.integers(0, 40000, n))
+    probs = torch.from_numpy(table[codes])
+    want = prepare_targets(y, torch.from_numpy(qids.astype(np.int64)), probs, 1.0 - probs.sum(1), temperature, top_k)
+    pk = PackedTargets(torch.from_numpy(qids.view(np.int16)), tcodes, torch.from_numpy(table), temperature, top_k)
+    got = pk.expand(y, torch.device("cpu"))
+    assert got.index.dtype == torch.long and torch.equal(got.index, want.index)
+    if temperature == 1.0 and top_k == 0:
+        assert _kd_equal(got, want)
+    else:
+        for g, w in zip(got._tensors(), want._tensors()):
+            assert torch.allclose(g.float(), w.float(), atol=1e-6)
+    x = torch.zeros(n, dtype=torch.long)
+    via_batch = Batch(x, y, packed=pk).to(torch.device("cpu"))  # what a CUDA run does, on the CPU
+    assert via_batch.packed is None and _kd_equal(via_batch.kd, got)
+    assert pk.nbytes() == n * k * (2 + (2 if fmt == 1 else 1))  # 3 B per stored entry at format 2
 
 
 def test_kd_run_writes_ce_and_kd(kd_data, tmp_path):

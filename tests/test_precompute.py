@@ -119,12 +119,12 @@ def test_inhouse_targets_equal_teacher_softmax(setup, clean):
                 assert probs[i].sum() == 0 and res[i] == 1.0
                 continue
             p = ref_p[g]
-            kept = probs[i] > 0  # format 2 keeps the top-16 entries with p >= 1e-3, log-coded (<= 2.8 %)
+            kept = probs[i] > 0  # format 2 keeps the top-16 entries with p >= 2e-3, log-coded (<= 2.5 %)
             pi = p[ids[i][kept].astype(np.int64)]
             assert np.all(np.abs(probs[i][kept] - pi) <= 0.03 * pi + 2e-3)
             kth = np.sort(p)[-16]
             assert pi.min(initial=1.0) >= kth - 1e-5  # the stored ids are among the top-16
-            assert kept.sum() >= (np.sort(p)[-16:] >= 2e-3).sum()  # ... and none above the floor is missing
+            assert kept.sum() >= (np.sort(p)[-16:] >= 3e-3).sum()  # ... and none above the floor is missing
             checked += 1
     assert checked > 11000
     info_rc = cli_main(["cache", "info", str(out), "--json"])
@@ -251,3 +251,98 @@ def test_smollm2_projection_bpb(tmp_path, val_head_shard, sp1024_path):
           f"ratio={ratio:.4f} aligned={st['aligned_fraction']:.4f}")
     assert 0.90 <= ratio <= 1.15
     assert 0.3 < st["aligned_fraction"] < 0.9
+
+
+# ----------------------------------------------------------------------------- foreign teacher: workers, skips
+
+@pytest.fixture(scope="module")
+def foreign(tmp_path_factory, val_head_shard, val_head_docs, sp1024_path):
+    """A tiny Llama with its own byte-level BPE (teachers/tiny_teacher.py, a few train steps: seconds), its
+    copy whose tokenizer prepends a space on encode (the Llama-2/Mistral convention, which cannot reproduce
+    the student's text), and a 5,000-token shard (9 chunks of 600 rows)."""
+    from tokenizers import Tokenizer, normalizers
+
+    from teachers.tiny_teacher import build_tiny_llama
+
+    root = tmp_path_factory.mktemp("foreign")
+    teacher = build_tiny_llama(root / "tiny", val_head_docs[:12], vocab_size=1024, train_steps=20)
+    spaced = root / "tiny-spaced"
+    spaced.mkdir()
+    for f in teacher.iterdir():
+        (spaced / f.name).write_bytes(f.read_bytes())
+    tok = Tokenizer.from_file(str(teacher / "tokenizer.json"))
+    tok.normalizer = normalizers.Prepend(" ")
+    tok.save(str(spaced / "tokenizer.json"))
+    (root / "shards").mkdir()
+    write_shard(root / "shards" / "fineweb_val_000000.bin", np.asarray(read_shard(val_head_shard))[:5000])
+    return {"root": root, "teacher": teacher, "spaced": spaced, "tok": sp1024_path}
+
+
+def _foreign_cmd(f, teacher, out, extra=()) -> list[str]:
+    return ["teacher", "precompute", "--teacher", str(teacher), "--tokenizer", str(f["tok"]), "--shards",
+            str(f["root"] / "shards" / "*.bin"), "--k", "8", "--out", str(out), "--chunk-rows", str(CHUNK_ROWS),
+            "--max-model-len", "512", "--no-progress", "--dtype", "float32", *extra]
+
+
+def test_projection_workers_write_identical_bytes_and_resume(foreign, capsys):
+    """--workers 2 (spawned projection processes) writes the same chunk bytes as --workers 1, and a rerun
+    after losing chunks restores them exactly."""
+    f = foreign
+    one, two = f["root"] / "w1", f["root"] / "w2"
+    assert cli_main(_foreign_cmd(f, f["teacher"], one, ["--workers", "1", "--json"])) == 0
+    s1 = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert cli_main(_foreign_cmd(f, f["teacher"], two, ["--workers", "2", "--json"])) == 0
+    cap = capsys.readouterr()
+    s2 = json.loads(cap.out.strip().splitlines()[-1])
+    assert "documents skipped 0/" in cap.err and "rows with targets" in cap.err
+    assert s1["complete"] and s2["complete"] and s1["docs"] == s2["docs"] > 3 and s2["docs_skipped"] == 0
+    assert 0.3 < s2["aligned_fraction"] < 1.0  # a foreign tokenizer: rows inside teacher tokens exist
+    chunks = sorted(p.relative_to(one) for p in (one / "chunks").rglob("*.dkc"))
+    assert len(chunks) == 9
+    for c in chunks:
+        assert (one / c).read_bytes() == (two / c).read_bytes()
+    assert (one / "manifest.json").read_bytes() == (two / "manifest.json").read_bytes()
+    ref = {c: (two / c).read_bytes() for c in chunks}
+    for c in chunks[2:5]:
+        (two / c).unlink()
+    (two / "manifest.json").unlink()
+    assert cli_main(_foreign_cmd(f, f["teacher"], two, ["--workers", "2"])) == 0
+    assert all((two / c).read_bytes() == ref[c] for c in chunks)
+    assert (one / "manifest.json").read_bytes() == (two / "manifest.json").read_bytes()
+
+
+def test_leading_space_teacher_is_not_silent_ce(foreign, capsys):
+    """A teacher tokenizer that prepends a space spells no document exactly: every document is skipped, the
+    run stops with one line naming the skip rate (exit 2) and writes no manifest; --allow-skips finishes
+    and records the count."""
+    f = foreign
+    out = f["root"] / "spaced_out"
+    line = _err(capsys, _foreign_cmd(f, f["spaced"], out))
+    assert "documents skipped (100.0% > 1%)" in line and "--allow-skips" in line
+    assert not (out / "manifest.json").exists()
+    assert cli_main(_foreign_cmd(f, f["spaced"], out, ["--allow-skips", "--json"])) == 0
+    cap = capsys.readouterr()
+    summary = json.loads(cap.out.strip().splitlines()[-1])
+    assert summary["complete"] and summary["docs"] > 3 and summary["docs_skipped"] == summary["docs"]
+    assert "rows with targets 0/5000 (0.0%)" in cap.err
+    st = dc.CacheReader(out).manifest["stats"]
+    assert st["docs_skipped"] == st["docs"] == summary["docs"] and st["rows_with_target"] == 0
+
+
+def test_longest_doc_bytes_bounds_the_vllm_window(tmp_path, sp1024_path):
+    """The default vLLM max_model_len: the longest document's bytes, documents straddling shards and blocks
+    included (checked against decoding each document)."""
+    from distill.tokenizer import load_tokenizer
+    from teachers.precompute import longest_doc_bytes
+    from teachers.projection import StudentVocab
+
+    sv = StudentVocab(load_tokenizer(sp1024_path))
+    rng = np.random.default_rng(0)
+    docs = [[BOS_ID] + rng.integers(5, 1024, n).tolist() for n in (40, 300, 7, 120)]
+    stream = np.concatenate(docs)
+    write_shard(tmp_path / "a.bin", stream[:200])
+    write_shard(tmp_path / "b.bin", stream[200:])  # the 300-token document straddles the shards
+    want = max(len(b"".join(sv.piece_bytes[t] for t in d[1:])) for d in docs)
+    paths = [tmp_path / "a.bin", tmp_path / "b.bin"]
+    assert longest_doc_bytes(paths, sv.piece_len) == want
+    assert longest_doc_bytes(paths, sv.piece_len, block=16) == want
