@@ -111,10 +111,17 @@ class HFBackend:
             kwargs = {"dtype": self.dtype}
             if spec.gguf_file:
                 kwargs["gguf_file"] = spec.gguf_file
+            from transformers.utils import logging as hf_logging
+
+            bar_was_on = hf_logging.is_progress_bar_enabled()
+            hf_logging.disable_progress_bar()  # its "Loading weights" bar would precede our one-line errors
             try:
                 self.model = AutoModelForCausalLM.from_pretrained(spec.path, **kwargs).eval()
             except (OSError, ValueError, KeyError) as e:
                 raise DistillError(f"{spec.model_id}: cannot load teacher ({str(e).splitlines()[0][:160]})") from None
+            finally:
+                if bar_was_on:
+                    hf_logging.enable_progress_bar()
             cfg = self.model.config
             text_cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
             self.vocab_size = int(text_cfg.vocab_size)

@@ -8,6 +8,9 @@ We ask for the flat layout (`flat_logprobs=True`, one set of flat lists per requ
 per-position dicts.
 
 Engine settings that matter for scoring (kd-method.md):
+- `max_model_len`: `distill teacher precompute` passes what the pass needs when --max-model-len is not
+  given (its longest document in bytes + 1, an upper bound in teacher tokens; teachers/precompute.py
+  `longest_doc_bytes`), capped here at the model's context, rather than the model's 32k/128k context;
 - `max_logprobs` must be >= K up front: a larger request is rejected, not truncated. We set it to `max_k`.
 - prefix caching off (stale prompt logprobs were reported with it on);
 - the full-vocab logits of every scheduled position are outside vLLM's memory profile, so

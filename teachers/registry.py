@@ -109,6 +109,7 @@ class TeacherTokenizer:
         if bos is None:
             raise DistillError(f"{spec.model_id}: teacher tokenizer has neither a bos nor an eos token")
         self.bos_id = int(bos)
+        self.tok.model_max_length = 1 << 60  # whole documents are tokenised, then windowed: no length warning
         self.vocab_size = len(self.tok)
         self.token_bytes = self._byte_table()
 
