@@ -28,10 +28,12 @@ import tempfile
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from distill.errors import DistillError
+
+if TYPE_CHECKING:  # numpy loads inside the functions: `distill bench --help` stays fast
+    import numpy as np
 
 RECORD_TOKENS = 7_200_000_000  # the record run's training tokens = student rows of its teacher pass
 
@@ -58,6 +60,8 @@ def load_docs(path: str, max_docs: int | None) -> list[str]:
 def aligned_docs(sv, ttok, texts: list[str]) -> list[tuple[np.ndarray, np.ndarray]]:
     """(student ids [BOS]+ids, teacher ids [BOS]+ids) of each document the teacher tokenizer spells exactly
     (the text is the student's decoding, as in the precompute)."""
+    import numpy as np
+
     from distill.tokenizer import encode_docs
 
     out = []
@@ -71,6 +75,8 @@ def aligned_docs(sv, ttok, texts: list[str]) -> list[tuple[np.ndarray, np.ndarra
 
 def synthetic_teacher(tdocs: list[np.ndarray], k: int, alpha: float = 2.0):
     """DocTeacher per document from bigram statistics of the documents themselves (see the module doc)."""
+    import numpy as np
+
     from teachers.projection import DocTeacher
 
     uni = Counter()

@@ -37,6 +37,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -447,6 +448,47 @@ def write_cache_from_arrays(out_dir: str | os.PathLike, shard_paths: Sequence[st
                       if key not in ("chunk_rows", "prob_bits", "format_version", "block_rows", "zstd_level")})
     manifest = build_manifest(out_dir, recs, tokenizer_hash(tokenizer_path), int(k or 0), chunk_rows, bits, base_meta)
     write_json_atomic(Path(out_dir) / "manifest.json", manifest)
+
+
+def convert_cache(src: str | os.PathLike, dst: str | os.PathLike, format_version: int = FORMAT_VERSION,
+                  min_prob: float = DEFAULT_MIN_PROB, level: int = DEFAULT_ZSTD_LEVEL, progress: bool = True) -> dict:
+    """Rewrite the complete cache `src` as `dst` in `format_version`, chunk by chunk (each written atomically;
+    a rerun resumes, the manifest comes last). Targets are the source's as read back (dequantised), so
+    converting format 1 -> 2 costs only format 2's own rounding; per-chunk stats (teacher NLL, alignment)
+    are carried over from the source. Returns the new manifest."""
+    from tqdm import tqdm
+
+    reader = CacheReader(src)
+    out = Path(dst)
+    if out.resolve() == reader.dir.resolve():
+        raise DistillError(f"{dst}: converting a cache onto itself")
+    if (out / "manifest.json").is_file():
+        raise DistillError(f"{dst}: already holds a complete cache (choose a new --out)")
+    m = reader.manifest
+    plan = {"source": str(reader.dir.resolve()), "source_format_version": reader.format_version,
+            "format_version": format_version, "min_prob": min_prob,
+            "shards": [s["sha256"] for s in m["shards"]]}
+    plan_path = out / "convert_plan.json"
+    if plan_path.is_file() and json.loads(plan_path.read_text()) != plan:
+        raise DistillError(f"{dst}: holds a conversion with other settings; use a new --out")
+    write_json_atomic(plan_path, plan)
+    todo = [(si, ci) for si, rec in enumerate(m["shards"]) for ci in range(num_chunks(rec["tokens"], reader.chunk_rows))]
+    for si, ci in tqdm(todo, desc="convert", unit="chunk", disable=not progress, file=sys.stderr):
+        if chunk_path(out, si, ci).is_file():
+            continue
+        p = chunk_path(reader.dir, si, ci)
+        header, _ = read_chunk_header(p)
+        ids, probs, _res, flags = decode_chunk(p)
+        write_chunk(out, si, ci, ids, probs, flags, level=level, stats=header.get("stats", {}),
+                    format_version=format_version, min_prob=min_prob)
+    meta = {key: v for key, v in m.items() if key not in ("format", "format_version", "k", "chunk_rows", "prob_bits",
+                                                          "student_tokenizer_sha256", "shards", "stats")}
+    meta["converted_from"] = {"format_version": reader.format_version, "dir": str(reader.dir)}
+    manifest = build_manifest(out, m["shards"], m["student_tokenizer_sha256"], reader.k, reader.chunk_rows,
+                              int(m.get("prob_bits", DEFAULT_PROB_BITS)), meta)
+    write_json_atomic(out / "manifest.json", manifest)
+    plan_path.unlink(missing_ok=True)
+    return manifest
 
 
 # ----------------------------------------------------------------------------- reading

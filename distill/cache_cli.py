@@ -1,8 +1,11 @@
-"""`distill cache info DIR [--json]`: size and sanity numbers of a teacher cache."""
+"""`distill cache info DIR [--json]`: size and sanity numbers of a teacher cache.
+`distill cache convert SRC --out DST [--format-version 2] [--min-prob P]`: rewrite a cache in another format
+(e.g. shrink a format-1 cache to format 2) without rerunning the teacher."""
 
 from __future__ import annotations
 
 import json
+import sys
 
 
 def add_parser(subparsers) -> None:
@@ -12,6 +15,14 @@ def add_parser(subparsers) -> None:
     info.add_argument("dir", help="cache directory")
     info.add_argument("--json", action="store_true", help="print one JSON object as the last stdout line")
     info.set_defaults(func=_info)
+    conv = sub.add_parser("convert", help="rewrite a cache in another format (no teacher pass)")
+    conv.add_argument("src", help="source cache directory")
+    conv.add_argument("--out", required=True, help="destination cache directory (resumable; refused if complete)")
+    conv.add_argument("--format-version", type=int, default=2, choices=[1, 2], help="format written (default 2)")
+    conv.add_argument("--min-prob", type=float, default=None,
+                      help="format 2: entries below this go to the residual bucket (default: the format's default)")
+    conv.add_argument("--json", action="store_true", help="print the new cache's info as one JSON line")
+    conv.set_defaults(func=_convert)
     p.set_defaults(func=lambda args: (p.print_help(), 1)[1])
 
 
@@ -36,6 +47,19 @@ def cache_info(cache_dir: str) -> dict:
         "shards": [s["name"] for s in m.get("shards", [])],
         "format_version": m.get("format_version"),
     }
+
+
+def _convert(args) -> int:
+    from distill.cache import DEFAULT_MIN_PROB, convert_cache
+
+    min_prob = DEFAULT_MIN_PROB if args.min_prob is None else args.min_prob
+    convert_cache(args.src, args.out, format_version=args.format_version, min_prob=min_prob)
+    info = cache_info(args.out)
+    print(f"{args.out}: format {info['format_version']}, {info['bytes_per_token']:.2f} bytes/token "
+          f"({info['bytes_on_disk']} bytes)", file=sys.stderr)
+    if args.json:
+        print(json.dumps(info))
+    return 0
 
 
 def _info(args) -> int:

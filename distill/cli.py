@@ -2,6 +2,11 @@
 
 The CLI only parses and dispatches: each stage module registers its own subcommand with
 `add_parser(subparsers)` and sets `func`. A DistillError becomes one line on stderr and exit code 2.
+
+Start-up is lazy: only the module of the subcommand being run is imported (its name is the first
+non-option word of argv); the others appear in `distill --help` through their one-line help in COMMANDS.
+Command modules keep torch/numpy/transformers imports inside their handlers, so `distill X --help` and
+argument errors answer in a fraction of a second (tests/test_cli.py checks both properties).
 """
 
 from __future__ import annotations
@@ -18,39 +23,66 @@ import sys
 from distill import __version__
 from distill.errors import DistillError
 
-# module -> registers one top-level subcommand (order = order in --help)
-COMMAND_MODULES = [
-    "distill.data.cli",      # distill data download|tokenizer|build
-    "teachers.cli",          # distill teacher precompute
-    "distill.cache_cli",     # distill cache info
-    "student.cli",           # distill train
-    "distill.pack",          # distill pack
-    "distill.score",         # distill score
-    "distill.bench",         # distill bench kd|overhead|pack
-    "distill.demo",          # distill demo
+# (subcommand, module that registers it, its one-line help: must equal the module's own; order = --help's)
+COMMANDS = [
+    ("data", "distill.data.cli", "download / build token shards, train a tokenizer"),
+    ("teacher", "teachers.cli", "offline teacher scoring"),
+    ("cache", "distill.cache_cli", "inspect teacher caches"),
+    ("train", "student.cli", "train a student (CE or KD against a teacher cache)"),
+    ("pack", "distill.pack_cli", "quantize a float checkpoint into one budget-checked artifact"),
+    ("score", "distill.score", "val_bpb of a packed artifact or checkpoint (the challenge's metric)"),
+    ("export", "distill.export",
+     "a packed run -> a challenge submission folder (train_gpt.py, final_model.golf, submission.json, README.md)"),
+    ("bench", "distill.bench", "benchmarks: KD vs CE, KD step overhead, packing"),
+    ("demo", "distill.demo", "offline end-to-end run: text → shards → teacher → KD student → artifact → bpb"),
 ]
+COMMAND_MODULES = [module for _name, module, _help in COMMANDS]
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _import_command(module: str):
+    """The command module, or None when that stage is not in this checkout."""
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if e.name and (e.name == module or module.startswith(e.name + ".")):
+            return None
+        raise
+
+
+def requested_command(argv: list[str]) -> str | None:
+    """The subcommand argv runs: its first non-option word (the top-level parser has no option taking a
+    value), or None (`distill`, `distill --help`, `distill --version`)."""
+    for a in argv:
+        if a == "--":
+            return None
+        if not a.startswith("-"):
+            return a
+    return None
+
+
+def build_parser(argv: list[str] | None = None, load_all: bool = False) -> argparse.ArgumentParser:
+    """The top-level parser. Only the subcommand named in `argv` gets its real sub-parser (its module is
+    imported); the others are placeholders carrying their help line. `load_all` imports every module."""
     parser = argparse.ArgumentParser(
         prog="distill",
         description="Knowledge distillation for Parameter Golf: data, teacher precompute, train, pack, score.",
     )
     parser.add_argument("--version", action="version", version=f"distill {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMAND_MODULES:
-        try:
-            mod = importlib.import_module(name)
-        except ModuleNotFoundError as e:
-            if e.name and (e.name == name or name.startswith(e.name + ".")):
-                continue  # stage not built in this checkout
-            raise
-        mod.add_parser(sub)
+    chosen = requested_command(sys.argv[1:] if argv is None else argv)
+    for name, module, help_text in COMMANDS:
+        if load_all or name == chosen:
+            mod = _import_command(module)
+            if mod is not None:
+                mod.add_parser(sub)
+        else:
+            sub.add_parser(name, help=help_text)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()

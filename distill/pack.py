@@ -8,6 +8,11 @@ the clip or step minimizing distortion + lambda * entropy-coded bits, with the d
 
 GPTQ calibration reads TRAINING shards only (a glob naming `_val_` files is refused) and is time-limited
 (`--calib-seconds`), as the challenge counts calibration inside the training budget.
+
+Honest bytes: a submission pays for its code too: the standalone train_gpt.py an evaluator runs
+(distill.bundle; `distill export` writes the same bytes). The report's artifact_bytes = code_bytes (that
+script) + model_bytes (the artifact file), and --budget (16,000,000) bounds that sum, so the weights get
+budget - code_bytes.
 """
 
 from __future__ import annotations
@@ -25,28 +30,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from distill import quant
+from distill import bundle, quant
 from distill.artifact import Entry, available_codecs, encode_artifact
 from distill.errors import DistillError
 from distill.fsutil import write_bytes_atomic
-
-DEFAULT_BUDGET_BYTES = 16_000_000
-DEFAULT_MIN_QUANT_NUMEL = 4096  # smaller 2-D tensors (control/skip weights) stay fp16: scales would dominate
-EMBED_NAMES = ("tok_emb.weight", "lm_head.weight")
-AUTO_BITS = (8, 6, 5, 4)
-# Rate-aware packing below 8 bits: per tensor, the clip/step minimizing distortion + lambda * estimated bits.
-# Distortion "fisher" (training tokens available: --calib, else the checkpoint's data.train_shards):
-# sum(F * dW^2) with F the per-window empirical Fisher diagonal, in loss units; lambda = loss paid per bit.
-# Measured on an uncontended demo KD student (592k params, seq_len 256, 2026-12-01), --bits 6: 2.5e-10 -> 0.550
-# B/param at +0.005 bpb (RTN); 6e-10 -> 0.466 at +0.009 (RTN), 0.476 at +0.006 (GPTQ, the auto method).
-DEFAULT_RD_LAMBDA_FISHER = 6e-10
-# Distortion "nsr" (no training tokens): numel * noise-to-signal ratio per tensor, the tied embedding/head
-# weighted EMBED_SENSITIVITY x (measured on the demo KD student: 30 best among 1/10/30/100/300; at
-# lambda 0.02 -> 0.497 bytes/param at +0.010 bpb). At the optimum each tensor's NSR ~ lambda / (2 ln 2).
-DEFAULT_RD_LAMBDA_NSR = 0.02
-EMBED_SENSITIVITY = 30.0
-SENS_MAX_TOKENS = 32_768  # Fisher windows: ~128 x 256 tokens, a few seconds on one CPU thread
-RD_DISTORTIONS = ("auto", "fisher", "nsr")
+from distill.pack_defaults import (
+    AUTO_BITS,
+    DEFAULT_BUDGET_BYTES,
+    DEFAULT_MIN_QUANT_NUMEL,
+    DEFAULT_RD_LAMBDA_FISHER,
+    DEFAULT_RD_LAMBDA_NSR,
+    EMBED_NAMES,
+    EMBED_SENSITIVITY,
+    RD_DISTORTIONS,
+    SENS_MAX_TOKENS,
+)
 
 
 def read_checkpoint(ckpt_dir: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
@@ -295,9 +293,10 @@ def pack_checkpoint(
     DEFAULT_RD_LAMBDA_*); rd_lambda=0 (and 8 bits by default) = the error-only clip search.
     rd_distortion: "fisher" (needs TRAINING tokens: calib_tokens, else the checkpoint's data.train_shards),
     "nsr" (data-free), "auto" = fisher when tokens are available.
-    The budget is min(budget_bytes, max_bytes_per_param * params). Over it: with `fit`, all quantized
-    tensors' steps are coarsened (rate-distortion allocation, `fit_budget`) until it fits; otherwise DistillError
-    "<out>: artifact would be N bytes, over the budget of B bytes" and nothing is written. Returns the
+    Budget: code_bytes (the standalone script, distill.bundle) + the artifact file <= budget_bytes, and the
+    file alone <= max_bytes_per_param * params when given (a compression-rate cap). Over it: with `fit`, all
+    quantized tensors' steps are coarsened (rate-distortion allocation, `fit_budget`) until it fits;
+    otherwise DistillError "<out>: ... over the budget ..." and nothing is written. Returns the
     report; `entries_out`, when a list, receives the stored Entry objects (tests compare them with what
     load_artifact returns). `hessians` (from `calibrate`) skips the calibration pass (benchmarks reuse it).
     """
@@ -317,7 +316,13 @@ def pack_checkpoint(
     state, cfg = read_checkpoint(ckpt_dir)
     model_cfg = cfg["model"]
     params = sum(t.numel() for t in state.values())
-    budget = budget_bytes if max_bytes_per_param is None else min(budget_bytes, int(max_bytes_per_param * params))
+    code_bytes = bundle.code_bytes()  # what an evaluator runs, counted like the records count train_gpt.py
+    budget = budget_bytes - code_bytes  # the model file's share
+    if max_bytes_per_param is not None:
+        budget = min(budget, int(max_bytes_per_param * params))
+    if budget <= 0:
+        raise DistillError(f"--budget: {budget_bytes} bytes leave no room for the model after {code_bytes} bytes "
+                           f"of code ({bundle.SCRIPT_NAME})")
 
     calib_seen = 0
     if method == "gptq" and hessians is None:
@@ -350,18 +355,20 @@ def pack_checkpoint(
             clips = {n: o.clip for n, o in choice.items()}
         entries = quantize_state_dict(state, plan, method, hessians, cache, progress, clips=clips)
         data, info = encode(entries)
-        tried.append({"bits": b, "artifact_bytes": len(data)})
+        tried.append({"bits": b, "artifact_bytes": code_bytes + len(data), "model_bytes": len(data)})
         if len(data) <= budget:
             break
     else:
         if not fit:
-            raise DistillError(f"{out_path}: artifact would be {len(data)} bytes, over the budget of {budget} bytes")
+            raise DistillError(f"{out_path}: artifact would be {len(data)} bytes, over its budget of {budget} bytes "
+                               f"({_budget_note(budget_bytes, code_bytes, max_bytes_per_param)})")
         try:
             data, info, entries, lam, choice = fit_budget(state, plan, method, hessians, cache, encode, budget,
                                                           len(data), progress, choice or None, distortion()[0])
             fitted = True
         except DistillError as e:
-            raise DistillError(f"{out_path}: {e}") from None
+            raise DistillError(f"{out_path}: {e} ({_budget_note(budget_bytes, code_bytes, max_bytes_per_param)})") \
+                from None
     if write:
         write_bytes_atomic(out_path, data)
     if entries_out is not None:
@@ -380,14 +387,24 @@ def pack_checkpoint(
     mode = "fit" if fitted else ("rate-aware" if lam > 0 else "error-only")
     _fisher, sens_source, sens_seen = sens[0] if sens else (None, None, 0)
     return {
-        "out": str(out_path), **info, "model_bytes": len(data) - info["code_bytes"], "params": params,
+        "out": str(out_path), **info,
+        # what a submission pays: the standalone script + the artifact file (info's code_bytes is the
+        # compressed student/model.py inside the file, reported as embedded_code_bytes)
+        "artifact_bytes": code_bytes + len(data), "code_bytes": code_bytes, "model_bytes": len(data),
+        "embedded_code_bytes": info["code_bytes"], "params": params,
         "bytes_per_param": len(data) / max(params, 1), "bits": bits if bits == "auto" else int(bits),
-        "chosen_bits": b, "embed_bits": embed_bits, "method": method, "budget_bytes": budget,
+        "chosen_bits": b, "embed_bits": embed_bits, "method": method, "budget_bytes": budget_bytes,
+        "model_budget_bytes": budget,
         "fit": bool(fit), "rd_lambda": lam, "rd_mode": mode,
         "rd_distortion": sens_source, "sens_tokens": sens_seen, "tried": tried,
         "calib_tokens": calib_seen,
         "seconds": round(time.monotonic() - t0, 2), "tensors": tensors,
     }
+
+
+def _budget_note(budget_bytes: int, code_bytes: int, max_bytes_per_param: float | None) -> str:
+    note = f"--budget {budget_bytes} minus {code_bytes} bytes of code ({bundle.SCRIPT_NAME})"
+    return note + (f", capped by --max-bytes-per-param {max_bytes_per_param:g}" if max_bytes_per_param else "")
 
 
 def sensitivities(state, cfg: dict, rd_distortion: str, calib_tokens, calib_seq_len, calib_max_tokens: int,
@@ -456,50 +473,6 @@ def load_calibration_tokens(pattern: str, max_tokens: int) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint16)
 
 
-def parse_bits(text: str) -> int | str:
-    if text == "auto":
-        return "auto"
-    if text in ("8", "6", "5", "4"):
-        return int(text)
-    raise argparse.ArgumentTypeError(f"expected 8, 6, 5, 4 or auto, got {text!r}")
-
-
-def add_pack_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--bits", type=parse_bits, default=8,
-                   help="bits of the block matrices: 8|6|5|4, or auto = highest that fits --budget (default 8)")
-    p.add_argument("--method", choices=["auto", "rtn", "gptq"], default="auto",
-                   help="quantizer; auto (default) = gptq below 8 bits when TRAINING tokens are at hand (--calib, "
-                        "else the checkpoint's config data.train_shards), rtn otherwise")
-    p.add_argument("--calib", help="glob of TRAINING token shards for GPTQ calibration")
-    p.add_argument("--calib-tokens", type=int, default=262_144, help="calibration tokens (default 262144)")
-    p.add_argument("--calib-seconds", type=float, default=60.0,
-                   help="time limit of the calibration pass in seconds (default 60)")
-    p.add_argument("--calib-seq-len", type=int, default=None,
-                   help="calibration window length (default: the checkpoint's train.seq_len, else 1024)")
-    p.add_argument("--embed-bits", type=int, choices=[8, 6, 5, 4], default=8,
-                   help="bits of the embedding / output head (default 8)")
-    p.add_argument("--codec", choices=["auto", "zstd", "lzma", "brotli"], default="auto",
-                   help="entropy coder; auto = the smallest of those available (default)")
-    p.add_argument("--layout", choices=["auto", "byte", "dense", "bitplanes"], default="auto",
-                   help="int code layout before the coder; auto = the smallest (default)")
-    p.add_argument("--min-quant-numel", type=int, default=DEFAULT_MIN_QUANT_NUMEL,
-                   help=f"2-D tensors with fewer elements are stored as fp16 (default {DEFAULT_MIN_QUANT_NUMEL})")
-    p.add_argument("--max-bytes-per-param", type=float, default=None,
-                   help="also cap the artifact at this many bytes per parameter (e.g. 0.5)")
-    p.add_argument("--rd-lambda", type=float, default=None,
-                   help="rate-aware packing: per tensor the clip/step minimizing distortion + lambda * bits (the "
-                        "embedding included). Default below 8 bits: "
-                        f"{DEFAULT_RD_LAMBDA_FISHER:g} (fisher) / {DEFAULT_RD_LAMBDA_NSR:g} (nsr); "
-                        "0 = the old error-only clip search; 8 bits default to 0")
-    p.add_argument("--rd-distortion", choices=list(RD_DISTORTIONS), default="auto",
-                   help="distortion of the rate-aware choice: fisher (loss-weighted, needs TRAINING tokens: "
-                        "--calib, else the checkpoint's config data.train_shards), nsr (data-free noise-to-"
-                        "signal ratio), auto = fisher when tokens are available, else nsr (default)")
-    p.add_argument("--fit", action="store_true",
-                   help="when over the budget, coarsen the block matrices' steps (rate-distortion allocation) "
-                        "until it fits, instead of failing")
-
-
 def auto_method(ckpt_dir, bits, have_calib: bool, max_tokens: int):
     """--method auto: "rtn" at 8 bits (near-lossless already); below, "gptq" when --calib is given, else the
     first `max_tokens` of the checkpoint's own TRAINING shards (returned as the token array), else "rtn".
@@ -536,34 +509,3 @@ def pack_from_args(args: argparse.Namespace, out: str, write: bool = True, **ove
         progress=sys.stderr.isatty(), write=write, rd_lambda=over.get("rd_lambda", args.rd_lambda),
         rd_distortion=args.rd_distortion,
     )
-
-
-def handle(args: argparse.Namespace) -> int:
-    report = pack_from_args(args, args.out)
-    chosen = f"bits {report['chosen_bits']}" + (" (auto)" if report["bits"] == "auto" else "")
-    print(f"{report['out']}: {report['artifact_bytes']:,} bytes ({report['bytes_per_param']:.3f} bytes/param, "
-          f"{report['params']:,} params; code {report['code_bytes']:,} + model {report['model_bytes']:,}); "
-          f"{chosen}, method {report['method']}, codec {report['codec']}, layout {report['layout']}",
-          file=sys.stderr if args.json else sys.stdout)
-    if args.json:
-        print(json.dumps(report))
-    return 0
-
-
-def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("pack", help="quantize a float checkpoint into one budget-checked artifact",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint", help="checkpoint directory (model.safetensors + config.json)")
-    p.add_argument("--out", required=True, help="artifact file to write")
-    p.add_argument("--budget", type=int, default=DEFAULT_BUDGET_BYTES,
-                   help="maximum artifact size in bytes, code included (default 16000000)")
-    add_pack_arguments(p)
-    p.add_argument("--json", action="store_true", help="print the report as one JSON object (last line)")
-    p.set_defaults(func=handle)
-
-
-if __name__ == "__main__":
-    ap = argparse.ArgumentParser(prog="distill")
-    add_parser(ap.add_subparsers())
-    a = ap.parse_args()
-    sys.exit(a.func(a))

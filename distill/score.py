@@ -3,8 +3,10 @@
   distill score run/model.golf --tokenizer fineweb_1024_bpe.model --val 'data/fineweb_val_*.bin' --seq-len 1024
   distill score run/ --tokenizer ... --val ... --seq-len 2048 --stride 64 --json
 
-MODEL: a file = packed artifact (distill.artifact.load_artifact; checksum verified, built from the
-installed student.model unless --trust-code); a directory = float checkpoint (student.load_checkpoint).
+MODEL: a file = packed artifact (distill.artifact.load_artifact: checksum verified — integrity, not
+authenticity —, sizes and config validated before anything is allocated, built from the installed
+student.model and refused if its embedded code differs, unless --trust-code, which RUNS the file's code);
+a directory = float checkpoint (student.load_checkpoint).
 Default (no --stride) is the challenge's evaluation exactly (distill.metric: concatenated val shards,
 non-overlapping windows of L, float64 sums, LUT bytes). --stride s scores sliding windows (each token
 once, >= L-s context).
@@ -24,12 +26,14 @@ import time
 from pathlib import Path
 
 from distill.errors import DistillError
-from distill.shards import load_tokens, resolve_shards
-from distill.tokenizer import SPACE, build_luts, load_tokenizer, tokenizer_hash
+
+# numpy/sentencepiece/torch load inside the functions: `distill score --help` and argument errors stay fast
 
 
 def check_space_piece(sp, path: str | Path) -> None:
     """Refuse a tokenizer whose whitespace can only be byte-encoded (no normal "▁" piece)."""
+    from distill.tokenizer import SPACE
+
     i = int(sp.piece_to_id(SPACE))
     ok = sp.id_to_piece(i) == SPACE and not (sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i) or sp.is_byte(i))
     if not ok:
@@ -75,6 +79,8 @@ def score(model_path: str, tokenizer: str, val: str, seq_len: int, stride: int |
           trust_code: bool = False, tokenizer_check: bool = True, progress: bool = True) -> dict:
     """Everything `distill score` does, as a function -> the result dict (see `add_parser`)."""
     from distill.metric import evaluate_bpb
+    from distill.shards import load_tokens, resolve_shards
+    from distill.tokenizer import build_luts, load_tokenizer, tokenizer_hash
 
     t0 = time.time()
     sp = load_tokenizer(tokenizer)
@@ -154,7 +160,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--max-windows", type=_positive, default=None,
                    help="score only the first N windows (a quick check; not the official number)")
     p.add_argument("--trust-code", action="store_true",
-                   help="run the model code embedded in the artifact instead of the installed student.model")
+                   help="RUN THE PYTHON CODE EMBEDDED IN THE ARTIFACT FILE (arbitrary code: only for files you "
+                        "trust) instead of the installed student.model; without it, a file whose embedded code "
+                        "differs from the installed student/model.py is refused")
     p.add_argument("--no-tokenizer-check", action="store_true",
                    help="skip the standalone-'\u2581' tokenizer check")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last stdout line")

@@ -2,12 +2,16 @@
 resume/ state (raw weights, optimizers, loader position, RNG) a `--resume` run continues from.
 
 Every file is written atomically (distill.fsutil), so a run killed mid-save leaves the previous checkpoint.
+Resume files hold only tensors and plain containers/ints/floats/strings (numpy arrays and scalars are stored
+as tagged uint8 tensors and restored bit for bit), so they load with torch.load(weights_only=True): a
+tampered resume file cannot run code.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 from pathlib import Path
 
@@ -114,16 +118,49 @@ def set_rng_state(st: dict) -> None:
         torch.cuda.set_rng_state_all(st["cuda"])
 
 
+_NDARRAY = "__distill_ndarray__"  # tag of an encoded numpy array / scalar in a resume file
+
+
+def to_weights_only(obj):
+    """A resume object -> the same structure built only from what torch.load(weights_only=True) accepts:
+    numpy arrays/scalars become {_NDARRAY: uint8 tensor of their bytes, dtype, shape, scalar} (exact)."""
+    if isinstance(obj, (np.ndarray, np.generic)):
+        a = np.asarray(obj)
+        if a.dtype.hasobject:
+            raise TypeError(f"resume state: numpy object arrays cannot be stored ({a.dtype})")
+        raw = torch.tensor(np.frombuffer(a.tobytes(), dtype=np.uint8))  # a copy: exact bytes, any dtype
+        return {_NDARRAY: raw, "dtype": a.dtype.str, "shape": list(a.shape), "scalar": isinstance(obj, np.generic)}
+    if isinstance(obj, dict):
+        return type(obj)((k, to_weights_only(v)) for k, v in obj.items())
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_weights_only(v) for v in obj)
+    return obj
+
+
+def from_weights_only(obj):
+    """Inverse of `to_weights_only`."""
+    if isinstance(obj, dict):
+        if _NDARRAY in obj:
+            a = np.frombuffer(obj[_NDARRAY].numpy().tobytes(), dtype=np.dtype(obj["dtype"]))
+            a = a.reshape(obj["shape"]).copy()
+            return a[()] if obj["scalar"] else a
+        return type(obj)((k, from_weights_only(v)) for k, v in obj.items())
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(from_weights_only(v) for v in obj)
+    return obj
+
+
 def save_resume(out_dir: str | os.PathLike, name: str, obj: dict) -> None:
     """resume/<name>.pt: rank 0 writes `state` (weights, optimizers, loader position, step, timers);
-    every rank writes its own `rng_rank<r>` (each rank's generators differ)."""
+    every rank writes its own `rng_rank<r>` (each rank's generators differ). Stored in weights_only form."""
     path = Path(out_dir) / RESUME_DIR / f"{name}.pt"
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+        torch.save(to_weights_only(obj), tmp)
 
 
 def load_resume(out_dir: str | os.PathLike, name: str, required: bool = True) -> dict | None:
+    """resume/<name>.pt as saved (numpy values restored), loaded with weights_only=True: no code runs."""
     rdir = Path(out_dir) / RESUME_DIR
     path = rdir / f"{name}.pt"
     if not path.is_file():
@@ -132,6 +169,10 @@ def load_resume(out_dir: str | os.PathLike, name: str, required: bool = True) ->
         raise DistillError(f"{rdir}: no resume state {path.name} (run without --resume, or point --out at "
                            f"a run directory)")
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # noqa: BLE001 — torch raises many types for a corrupt pickle/zip
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise DistillError(f"{path}: not loadable as plain tensors/containers (weights_only=True): written by an "
+                           "older distill or not a resume file; start the run again without --resume") from None
+    except Exception as e:  # noqa: BLE001 — torch raises many types for a corrupt zip/pickle
         raise DistillError(f"{path}: unreadable resume state ({str(e).splitlines()[0][:120]})") from None
+    return from_weights_only(obj)

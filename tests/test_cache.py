@@ -159,3 +159,32 @@ def test_cache_info_json(small_cache, capsys):
     assert info["bytes_on_disk"] > 0 and abs(info["bytes_per_token"] - info["bytes_on_disk"] / 4234) < 1e-9
     for key in ("aligned_fraction", "projected_teacher_bpb", "backend"):
         assert key in info
+
+
+def test_convert_v1_to_v2_keeps_targets_and_resumes(tmp_path, sp1024_path):
+    """`distill cache convert`: the format-2 copy holds what format 2 makes of the format-1 rows as read back,
+    a killed conversion resumes, and a complete destination is refused."""
+    rng = np.random.default_rng(5)
+    shard = tmp_path / "fineweb_train_000000.bin"
+    write_shard(shard, rng.integers(0, VOCAB, 2500))
+    ids, probs, res = _targets(rng, 2500, 16, temp=4.0)
+    v1 = tmp_path / "v1"
+    dc.write_cache_from_arrays(v1, [shard], sp1024_path, [(ids, probs, res)], {"chunk_rows": 1024, "format_version": 1})
+    v2 = tmp_path / "v2"
+    assert cli_main(["cache", "convert", str(v1), "--out", str(v2)]) == 0
+    dc.chunk_path(v2, 0, 1).unlink()
+    (v2 / "manifest.json").unlink()  # as if killed before the end
+    assert cli_main(["cache", "convert", str(v1), "--out", str(v2), "--json"]) == 0
+    r1, r2 = dc.CacheReader(v1), dc.CacheReader(v2)
+    assert r2.format_version == 2 and r2.k == 16 and r2.manifest["converted_from"]["format_version"] == 1
+    assert r2.manifest["stats"]["bytes_on_disk"] < r1.manifest["stats"]["bytes_on_disk"]
+    i1, p1, _ = dc.load_targets(v1, 0)
+    want_ids, want_codes = dc.quantize_probs_v2(i1, p1)
+    i2, p2, r2res = dc.load_targets(v2, 0)
+    for i in range(0, 2500, 3):  # the same (id, p) entries, in the reader's id order
+        want = {int(j): float(p) for j, p in zip(want_ids[i], dc.dequantize_table(2)[want_codes[i]]) if p > 0}
+        got = {int(j): float(p) for j, p in zip(i2[i], p2[i]) if p > 0}
+        assert got == want
+    assert np.array_equal(r2res, np.float32(1) - p2.sum(1, dtype=np.float32))
+    with pytest.raises(DistillError, match="complete cache"):
+        dc.convert_cache(v1, v2)

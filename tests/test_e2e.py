@@ -30,7 +30,8 @@ def test_demo_summary(demo):
     for key in ("artifact_path", "artifact_bytes", "checkpoint", "student_config", "tokenizer", "train_shards",
                 "val_shards", "seq_len", "val_bpb", "val_loss", "teacher_checkpoint", "teacher_cache"):
         assert key in s, key
-    assert s["artifact_bytes"] == os.path.getsize(s["artifact_path"])
+    assert s["model_bytes"] == os.path.getsize(s["artifact_path"])
+    assert s["artifact_bytes"] == s["code_bytes"] + s["model_bytes"] and s["code_bytes"] > 10_000
     assert s["artifact_bytes"] <= 16_000_000
     # 3 steps of training: better than nothing (uniform over 1024 ids ≈ 10 bits/token ≈ 4+ bpb), finite
     assert 0.5 < s["val_bpb"] < 8.0 and np.isfinite(s["val_loss"])

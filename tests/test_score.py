@@ -206,7 +206,8 @@ def test_other_text_default_and_sliding(ckpt1024, sp1024_path, shakespeare_shard
 
 
 def test_artifact_scores_like_its_model(ckpt1024, sp1024_path, shakespeare_shard, tmp_path, capsys):
-    from distill.artifact import load_artifact, pack_checkpoint
+    from distill.artifact import load_artifact
+    from distill.pack import pack_checkpoint
 
     art = tmp_path / "m.golf"
     pack_checkpoint(ckpt1024, art, bits=8, codec="zstd", min_quant_numel=1024, progress=False)
@@ -322,7 +323,7 @@ def _flip(src: Path, dst: Path, pos: int) -> Path:
 
 
 def test_bad_inputs_one_line(ckpt1024, sp1024_path, val_head_shard, tmp_path, capsys):
-    from distill.artifact import pack_checkpoint
+    from distill.pack import pack_checkpoint
 
     good = tmp_path / "fineweb_val_000000.bin"
     good.write_bytes(val_head_shard.read_bytes())
