@@ -115,9 +115,13 @@ class Trainer:
         if resume:
             loader_state = self._load_resume()
         fwd = self.model
+        self.kd_fn = kd_loss_prepared
         if cuda and t.compile:
             fwd = torch.compile(self.model, dynamic=False)
             self.muon.orthogonalize = torch.compile(zeropower_via_newtonschulz5)
+            # the KD loss compiled too (one graph, no breaks: tests/test_losses.py); alpha goes in as a tensor
+            # so the annealed schedule does not recompile it every step
+            self.kd_fn = torch.compile(kd_loss_prepared, dynamic=False)
         self.fwd = self.acc.prepare(fwd)  # DDP when world > 1
 
         self.local_tokens = t.batch_tokens // (self.world * t.grad_accum_steps)
@@ -246,7 +250,8 @@ class Trainer:
                 logits = self.fwd(batch.x).reshape(-1, self.cfg.model.vocab_size)
                 y = batch.y.reshape(-1)
                 if self.kd_on:
-                    loss, ce, kd = kd_loss_prepared(logits, batch.kd, alpha, self.cfg.kd.chunk_rows or None)
+                    a = torch.full((), alpha, device=self.device) if self.kd_fn is not kd_loss_prepared else alpha
+                    loss, ce, kd = self.kd_fn(logits, batch.kd, a, self.cfg.kd.chunk_rows or None)
                 else:
                     loss = ce = ce_loss(logits, y)
                     kd = torch.zeros((), device=self.device)

@@ -259,3 +259,18 @@ def test_loss_compiles_without_graph_breaks(gen):
 
     explain = torch._dynamo.explain(step)(z)
     assert explain.graph_break_count == 0, explain.break_reasons
+
+
+def test_loss_compiles_with_targets_and_alpha_as_inputs(gen):
+    """The trainer compiles kd_loss_prepared on CUDA and passes the targets and α (a 0-dim tensor, so an
+    annealed α does not recompile) as inputs: one graph, no breaks, the same values as eager."""
+    from distill.losses import kd_loss_prepared, prepare_targets
+
+    ids, probs, residual, _ = _teacher(gen)
+    t = prepare_targets(torch.randint(0, V, (N,), generator=gen), ids, probs, residual)
+    z = torch.randn(N, V, generator=gen)
+    alpha = torch.tensor(0.3)
+    explain = torch._dynamo.explain(kd_loss_prepared)(z, t, alpha)
+    assert explain.graph_break_count == 0 and explain.graph_count == 1, explain.break_reasons
+    for got, want in zip(kd_loss_prepared(z, t, alpha), kd_loss_prepared(z, t, 0.3)):
+        assert torch.allclose(got, want, rtol=1e-6, atol=1e-7)
