@@ -52,7 +52,7 @@ def _write_docs(workdir: Path, source: str, max_docs: int) -> Path:
     raise DistillError(f"--source: unknown source '{source}' (embedded|fineweb)")
 
 
-DEFAULT_TEACHER_STEPS = 200  # a step count, so outside load cannot shorten the teacher (it only takes longer)
+DEFAULT_TEACHER_STEPS = 100  # a step count, so outside load cannot shorten the teacher (it only takes longer)
 
 
 def run_demo(workdir: Path, source: str = "embedded", minutes: float = 2.0, teacher_steps: int = DEFAULT_TEACHER_STEPS,
