@@ -5,6 +5,8 @@ sub-subcommand: kd (distill/bench_kd.py), overhead (distill/bench_overhead.py), 
 from __future__ import annotations
 
 import importlib
+import json
+import sys
 
 BENCH_MODULES = [
     "distill.bench_kd",
@@ -27,3 +29,12 @@ def add_parser(subparsers) -> None:
             raise
         mod.add_subparser(sub)
     p.set_defaults(func=lambda args: (p.print_help(), 1)[1])
+
+
+def print_result(line: str, result: dict, as_json: bool) -> int:
+    """A benchmark's ending: its one-line summary (stderr under --json, else stdout), then with --json the
+    result as one JSON object, last on stdout. Returns the exit code 0."""
+    print(line, file=sys.stderr if as_json else sys.stdout)
+    if as_json:
+        print(json.dumps(result))
+    return 0

@@ -18,10 +18,10 @@ target_bytes_per_row (the teacher part alone), cache_bytes_per_row (on disk), an
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 
+from distill.bench import print_result
 from distill.errors import DistillError
 
 RECORD_STEP_MS = 600_000 / 13_780  # the challenge baseline's pace: 13,780 steps in 600 s on 8xH100
@@ -105,10 +105,7 @@ def _handler(args: argparse.Namespace) -> int:
             f"{res['rows_per_step']}-row step) vs {res['needed_rows_per_s'] / 1e6:.2f} M needed at "
             f"{res['step_ms_needed']:.1f} ms/step: {res['headroom']:.2f}x; {res['bytes_per_row']:.0f} B/row to the "
             f"device ({res['device']}, {res['workers']} loader threads)")
-    print(line, file=sys.stderr if args.json else sys.stdout)
-    if args.json:
-        print(json.dumps(res))
-    return 0
+    return print_result(line, res, args.json)
 
 
 def add_subparser(bench_subparsers) -> None:

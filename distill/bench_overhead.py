@@ -20,11 +20,11 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse
 import copy
-import json
 import statistics
 import sys
 import tempfile
 
+from distill.bench import print_result
 from distill.errors import DistillError
 
 
@@ -81,10 +81,7 @@ def _handler(args: argparse.Namespace) -> int:
     res = measure_overhead(args.config, args.teacher_cache, args.steps, args.warmup, args.overrides)
     line = (f"KD {res['kd_step_ms_median']:.1f} ms/step vs CE {res['ce_step_ms_median']:.1f} ms/step "
             f"(median of {res['steps']} after {res['warmup']} warm-up): ratio {res['ratio']:.3f}")
-    print(line, file=sys.stderr if args.json else sys.stdout)
-    if args.json:
-        print(json.dumps(res))
-    return 0
+    return print_result(line, res, args.json)
 
 
 def add_subparser(bench_subparsers) -> None:

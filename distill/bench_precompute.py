@@ -23,13 +23,13 @@ import argparse
 import json
 import math
 import os
-import sys
 import tempfile
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from distill.bench import print_result
 from distill.errors import DistillError
 
 if TYPE_CHECKING:  # numpy loads inside the functions: `distill bench --help` stays fast
@@ -227,10 +227,7 @@ def _handler(args: argparse.Namespace) -> int:
                if res.get("scoring_rows_per_s") else "")
             + f"; record pass ({RECORD_TOKENS / 1e9:.1f} B rows): {res['record_projection_core_hours']} "
               f"projection core-hours")
-    print(line, file=sys.stderr if args.json else sys.stdout)
-    if args.json:
-        print(json.dumps(res))
-    return 0
+    return print_result(line, res, args.json)
 
 
 def add_subparser(bench_subparsers) -> None:

@@ -51,7 +51,6 @@ FORMAT = "distill-cache"
 FORMAT_VERSION = 2  # what writers write by default
 READ_VERSIONS = (1, 2)
 CHUNK_MAGIC = b"DKCH"
-CHUNK_VERSION = 2
 DEFAULT_CHUNK_ROWS = 65536
 DEFAULT_PROB_BITS = 12  # v1 only
 DEFAULT_ZSTD_LEVEL = 12
@@ -115,9 +114,8 @@ def dequantize_table(version: int, bits: int = DEFAULT_PROB_BITS, levels: int = 
 
 
 def dequantize_codes(codes: np.ndarray, bits: int) -> np.ndarray:
-    """v1 probability codes -> float32 probabilities."""
-    x = codes.astype(np.float32) / np.float32((1 << bits) - 1)
-    return x * x
+    """v1 probability codes -> float32 probabilities (a gather through dequantize_table)."""
+    return dequantize_table(1, bits=bits)[codes]
 
 
 def quantize_probs_v2(ids: np.ndarray, probs: np.ndarray, levels: int = DEFAULT_LEVELS,
