@@ -24,7 +24,7 @@ and each kept p is a log code c in 1..levels (default 127): log p = log(min_prob
 relative error <= 2.5 %. A block of n rows holding E entries is: flags uint8[n] | counts uint8[n] |
 id-delta low bytes uint8[E] | id-delta high bytes uint8[E] | codes uint8[E], each row's entries in
 ascending id order, its first delta the id itself. Readers expand rows to [n, k] (id 0 / code 0 = empty slot).
-~15 B/token at k=16 on SmolLM2 FineWeb targets (v1: ~31).
+13.7 B/token at k=16 on SmolLM2 FineWeb targets (v1: 26.4; docs/RESULTS.md).
 
 Both versions: codes are adjusted so that the dequantised row never sums above 1, and the residual is
 recomputed on read as 1 - sum(dequantised probs), so probs + residual = 1 to float32 rounding. Every zstd
