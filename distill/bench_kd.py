@@ -74,7 +74,12 @@ def run_bench_kd(teacher: str, train_docs: Path, val_docs: Path, workdir: Path, 
                  kd_schedule: str = DEFAULT_SCHEDULE, kd_target_temperature: float = DEFAULT_TARGET_TEMPERATURE,
                  config: Path | None = None, backend: str = "hf",
                  vocab_size: int = 1024, max_model_len: int | None = 2048, sequential: bool = False,
-                 cache_format: int = 2) -> dict:
+                 cache_format: int = 2, passes: float | None = None, kd_alpha_final: float = 0.0,
+                 kd_anneal_frac: float = 0.2, kd_anneal_end: float = 1.0, kd_select_frac: float = 1.0,
+                 kd_temperature: float = 1.0) -> dict:
+    """CE vs KD students, `seeds` pairs. Budget: `minutes` of training per run, or with `passes` P the steps
+    that make P passes over the training tokens (the LR warm-down and α schedule placed by that step budget;
+    `minutes` stays a cap), so CE and KD see the same tokens whatever their step times."""
     workdir.mkdir(parents=True, exist_ok=True)
     logs = workdir / "logs"
     for p in (train_docs, val_docs):
@@ -110,20 +115,45 @@ def run_bench_kd(teacher: str, train_docs: Path, val_docs: Path, workdir: Path, 
                            logs / "cache_info_train.log", json_last=True, echo=False)
 
     cfg = Path(config) if config else REPO_CONFIGS / "demo_student.toml"
+    if not cfg.is_file():
+        raise DistillError(f"{cfg}: config not found")
+    train_tokens = sum(int(sh["tokens"]) for sh in json.loads((workdir / "train" / "manifest.json").read_text())
+                       ["shards"]) if passes is not None else 0
+    budget: list[str] = []
+    if passes is not None:
+        if not passes > 0:
+            raise DistillError(f"--passes: must be positive, got {passes}")
+        from student.config import load_config
+
+        batch_tokens = load_config(cfg).train.batch_tokens
+        max_steps = max(1, round(passes * train_tokens / batch_tokens))
+        # periodic evals about ten times per run (they are excluded from the training clock)
+        budget = ["--train.max_steps", str(max_steps), "--eval.val_every", str(max(10, max_steps // 10))]
     data = ["--data.train_shards", train_glob, "--data.val_shards", val_glob, "--data.tokenizer", str(tok)]
     results: dict[str, list[dict]] = {"ce": [], "kd": []}
     if kd_schedule not in SCHEDULES:
         raise DistillError(f"--kd-schedule: expected one of {', '.join(SCHEDULES)}, got {kd_schedule!r}")
     if not kd_target_temperature > 0:
         raise DistillError(f"--kd-target-temperature: must be positive, got {kd_target_temperature}")
+    if not kd_temperature > 0 or not 0 < kd_select_frac <= 1:
+        raise DistillError(f"--kd-temperature must be positive and --kd-select-frac in (0, 1], got "
+                           f"{kd_temperature}, {kd_select_frac}")
     tt = "" if kd_target_temperature == 1.0 else f"_tt{_num(kd_target_temperature)}"
-    kd_tag = f"kd_a{_num(kd_alpha)}_k{kd_top_k or k}_{kd_schedule}{tt}_m{_num(minutes)}{fsuf}"
+    # recipe pieces appear in the run names only when they differ from the defaults (older workdirs keep theirs)
+    if "anneal" in kd_schedule and (kd_alpha_final, kd_anneal_frac, kd_anneal_end) != (0.0, 0.2, 1.0):
+        tt += f"_to{_num(kd_alpha_final)}w{_num(kd_anneal_frac)}e{_num(kd_anneal_end)}"
+    if kd_select_frac < 1.0:
+        tt += f"_sel{_num(kd_select_frac)}"
+    if kd_temperature != 1.0:
+        tt += f"_T{_num(kd_temperature)}"
+    bud = f"_p{_num(passes)}_m{_num(minutes)}" if passes is not None else f"_m{_num(minutes)}"
+    kd_tag = f"kd_a{_num(kd_alpha)}_k{kd_top_k or k}_{kd_schedule}{tt}{bud}{fsuf}"
     halves = None if sequential else split_cores(2)
     lay = "" if halves is None else "_sbs"  # side-by-side runs get their own dirs: half the cores each
     kd_tag += lay
 
     def run_dir(mode: str, seed: int) -> Path:
-        return workdir / "runs" / (f"ce_m{_num(minutes)}{lay}_s{seed}" if mode == "ce" else f"{kd_tag}_s{seed}")
+        return workdir / "runs" / (f"ce{bud}{lay}_s{seed}" if mode == "ce" else f"{kd_tag}_s{seed}")
 
     for seed in range(seeds):
         todo = []
@@ -131,11 +161,16 @@ def run_bench_kd(teacher: str, train_docs: Path, val_docs: Path, workdir: Path, 
             out = run_dir(mode, seed)
             extra = [] if mode == "ce" else ["--teacher-cache", str(cache_dir), "--kd.alpha", str(kd_alpha),
                                              "--kd.top_k", str(kd_top_k), "--kd.alpha_schedule", kd_schedule,
-                                             "--kd.target_temperature", str(kd_target_temperature)]
+                                             "--kd.target_temperature", str(kd_target_temperature),
+                                             "--kd.alpha_final", str(kd_alpha_final),
+                                             "--kd.alpha_anneal_frac", str(kd_anneal_frac),
+                                             "--kd.alpha_anneal_end", str(kd_anneal_end),
+                                             "--kd.select_frac", str(kd_select_frac),
+                                             "--kd.temperature", str(kd_temperature)]
             if not (out / "model.safetensors").exists():
                 todo.append((mode, (f"train-{mode}-s{seed}", train_cmd(
                     "--config", str(cfg), "--out", str(out), *data, "--seed", str(seed),
-                    "--train.max_wallclock_s", str(minutes * 60), *extra), logs / f"{out.name}.log")))
+                    "--train.max_wallclock_s", str(minutes * 60), *budget, *extra), logs / f"{out.name}.log")))
         if halves is None:
             for _, stage in todo:
                 run_stage(*stage)
@@ -153,6 +188,7 @@ def run_bench_kd(teacher: str, train_docs: Path, val_docs: Path, workdir: Path, 
             results[mode].append({"seed": seed, "val_bpb": score["val_bpb"], "val_loss": score["val_loss"],
                                   "tokens": steps[-1]["tokens"] if steps else 0,
                                   "steps": steps[-1]["step"] if steps else 0, "rows": rows,
+                                  "passes": (steps[-1]["tokens"] / train_tokens if steps and train_tokens else None),
                                   "step_ms_median": (statistics.median(r["step_ms"] for r in steps)
                                                      if steps else None)})
     # equal tokens: KD's final val bpb against CE's val-bpb curve interpolated at KD's token count (and v.v.)
@@ -181,6 +217,7 @@ def run_bench_kd(teacher: str, train_docs: Path, val_docs: Path, workdir: Path, 
         "ce_bpb_std": statistics.pstdev(ce_b), "kd_bpb_std": statistics.pstdev(kd_b),
         "ce_tokens": [r["tokens"] for r in results["ce"]], "kd_tokens": [r["tokens"] for r in results["kd"]],
         "ce_steps": [r["steps"] for r in results["ce"]], "kd_steps": [r["steps"] for r in results["kd"]],
+        "ce_passes": [r["passes"] for r in results["ce"]], "kd_passes": [r["passes"] for r in results["kd"]],
         "equal_tokens": eq_tokens,
         "ce_step_ms": [r["step_ms_median"] for r in results["ce"]],
         "kd_step_ms": [r["step_ms_median"] for r in results["kd"]], "noisy_seeds": noisy,
@@ -190,7 +227,10 @@ def run_bench_kd(teacher: str, train_docs: Path, val_docs: Path, workdir: Path, 
         "cache_format": cache_format, "cache_bytes_per_token": train_info.get("bytes_per_token"),
         "settings": {"teacher": teacher, "backend": backend, "k": k, "kd_alpha": kd_alpha,
                      "kd_top_k": kd_top_k or k, "kd_schedule": kd_schedule,
-                     "kd_target_temperature": kd_target_temperature,
+                     "kd_target_temperature": kd_target_temperature, "kd_alpha_final": kd_alpha_final,
+                     "kd_anneal_frac": kd_anneal_frac, "kd_anneal_end": kd_anneal_end,
+                     "kd_select_frac": kd_select_frac, "kd_temperature": kd_temperature, "passes": passes,
+                     "train_tokens": train_tokens or None,
                      "max_model_len": max_model_len, "minutes": minutes,
                      "layout": "sequential" if halves is None else "side-by-side",
                      "cores_per_run": None if halves is None else len(halves[0]),
@@ -281,6 +321,21 @@ def add_subparser(sub) -> None:
     p.add_argument("--kd-target-temperature", type=float, default=DEFAULT_TARGET_TEMPERATURE,
                    help="smooth the teacher's stored mass by this temperature (student untempered; default "
                         f"{DEFAULT_TARGET_TEMPERATURE:g})")
+    p.add_argument("--kd-alpha-final", type=float, default=0.0,
+                   help="anneal schedules: alpha at the end of the anneal (default 0 = CE)")
+    p.add_argument("--kd-anneal-frac", type=float, default=0.2,
+                   help="anneal schedules: length of the anneal as a fraction of the budget (default 0.2)")
+    p.add_argument("--kd-anneal-end", type=float, default=1.0,
+                   help="anneal schedules: where the anneal ends (default 1 = the end; < 1 hands over before the "
+                        "LR warm-down, e.g. --kd-alpha 0.9 --kd-anneal-frac 0.4 --kd-anneal-end 0.7)")
+    p.add_argument("--kd-select-frac", type=float, default=1.0,
+                   help="KD only on this fraction of each batch's rows, those of highest teacher entropy (default 1)")
+    p.add_argument("--kd-temperature", type=float, default=1.0,
+                   help="temperature on both sides (teacher's stored mass and student; KL x T^2; default 1)")
+    p.add_argument("--passes", type=float, default=None,
+                   help="budget each run by P passes over the training tokens (steps = P x train tokens / batch "
+                        "tokens; LR warm-down and alpha schedule placed by it; --minutes stays a cap) instead of "
+                        "by wall-clock; JSON ce_passes/kd_passes record what each run saw")
     p.add_argument("--config", type=Path, default=None, help="student config (default configs/demo_student.toml)")
     p.add_argument("--backend", default="hf", choices=["hf", "vllm"])
     p.add_argument("--max-model-len", type=int, default=2048,
@@ -302,7 +357,9 @@ def _cmd(args) -> int:
                      kd_top_k=args.kd_top_k, kd_schedule=args.kd_schedule,
                      kd_target_temperature=args.kd_target_temperature, config=args.config,
                      backend=args.backend, max_model_len=args.max_model_len, sequential=args.sequential,
-                     cache_format=args.cache_format)
+                     cache_format=args.cache_format, passes=args.passes, kd_alpha_final=args.kd_alpha_final,
+                     kd_anneal_frac=args.kd_anneal_frac, kd_anneal_end=args.kd_anneal_end,
+                     kd_select_frac=args.kd_select_frac, kd_temperature=args.kd_temperature)
     print_table(r)
     print(f"plot: {r['plot']}", file=sys.stderr)
     if args.json:

@@ -84,8 +84,12 @@ class KDConfig:
     top_k: int = 0  # KL over each row's top_k stored ids (0 = all the cache holds); the rest -> residual
     alpha_schedule: str = "constant"  # constant | warmup | anneal | warmup_anneal
     alpha_warmup_frac: float = 0.05  # α ramps 0 -> alpha over the first fraction of the budget
-    alpha_anneal_frac: float = 0.2  # α -> alpha_final (CE) linearly over the last fraction
+    alpha_anneal_frac: float = 0.2  # α -> alpha_final linearly over this fraction of the budget ...
+    alpha_anneal_end: float = 1.0  # ... ending here (< 1: hand over BEFORE the LR warm-down, then stay at alpha_final)
     alpha_final: float = 0.0
+    # KD only on the select_frac of each batch's rows with the highest teacher entropy (the rest: CE only);
+    # 1.0 = every row (SE-KD, arXiv 2602.01395, found 20 % of positions by entropy beat full KD)
+    select_frac: float = 1.0
     chunk_rows: int = 0  # rows per loss chunk (0 = all at once)
 
 
@@ -262,6 +266,13 @@ def validate(cfg: RunConfig) -> None:
                            f"got {k.alpha_schedule!r}")
     if k.top_k < 0:
         raise DistillError(f"kd.top_k: must be >= 0, got {k.top_k}")
+    if not 0.0 < k.select_frac <= 1.0:
+        raise DistillError(f"kd.select_frac: must lie in (0, 1], got {k.select_frac}")
+    if not 0.0 < k.alpha_anneal_end <= 1.0 or not 0.0 <= k.alpha_anneal_frac <= k.alpha_anneal_end:
+        raise DistillError(f"kd.alpha_anneal_frac / alpha_anneal_end: need 0 <= frac <= end <= 1 and end > 0, "
+                           f"got {k.alpha_anneal_frac} / {k.alpha_anneal_end}")
+    if not 0.0 <= k.alpha_final <= 1.0:
+        raise DistillError(f"kd.alpha_final: must lie in [0, 1], got {k.alpha_final}")
     if k.temperature <= 0:
         raise DistillError(f"kd.temperature: must be positive, got {k.temperature}")
     if k.target_temperature <= 0:

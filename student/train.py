@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from distill.errors import DistillError
 from distill.fsutil import write_text_atomic
-from distill.losses import ce_loss, kd_loss_prepared
+from distill.losses import ce_loss, kd_loss_prepared, select_rows
 from student.checkpoint import load_resume, rng_state, save_checkpoint, save_resume, set_rng_state
 from student.config import RunConfig, load_config
 from student.loader import DistributedLoader
@@ -218,8 +218,9 @@ class Trainer:
         a, p = k.alpha, self.progress()
         if "warmup" in k.alpha_schedule and k.alpha_warmup_frac > 0:
             a *= min(1.0, p / k.alpha_warmup_frac)
-        if "anneal" in k.alpha_schedule and k.alpha_anneal_frac > 0 and p > 1.0 - k.alpha_anneal_frac:
-            frac = min(1.0, (p - (1.0 - k.alpha_anneal_frac)) / k.alpha_anneal_frac)
+        start = k.alpha_anneal_end - k.alpha_anneal_frac  # the anneal runs over [start, end] of the budget
+        if "anneal" in k.alpha_schedule and p > start:
+            frac = min(1.0, (p - start) / k.alpha_anneal_frac) if k.alpha_anneal_frac > 0 else 1.0
             a = (1.0 - frac) * a + frac * k.alpha_final
         return a
 
@@ -251,7 +252,8 @@ class Trainer:
                 y = batch.y.reshape(-1)
                 if self.kd_on:
                     a = torch.full((), alpha, device=self.device) if self.kd_fn is not kd_loss_prepared else alpha
-                    loss, ce, kd = self.kd_fn(logits, batch.kd, a, self.cfg.kd.chunk_rows or None)
+                    kt = batch.kd if self.cfg.kd.select_frac >= 1.0 else select_rows(batch.kd, self.cfg.kd.select_frac)
+                    loss, ce, kd = self.kd_fn(logits, kt, a, self.cfg.kd.chunk_rows or None)
                 else:
                     loss = ce = ce_loss(logits, y)
                     kd = torch.zeros((), device=self.device)

@@ -106,3 +106,17 @@ def test_bench_kd_end_to_end(demo, tmp_path):
     assert os.path.getsize(r["plot"]) > 1000
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and json.loads(again.stdout.strip().splitlines()[-1])["kd_bpb"] == r["kd_bpb"]
+    # --passes: a step budget from the training tokens, the same for CE and KD, recorded in the JSON
+    cmd_p = cmd + ["--passes", "0.5", "--kd-select-frac", "0.5", "--minutes", "5"]
+    proc = subprocess.run(cmd_p, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rp = json.loads(proc.stdout.strip().splitlines()[-1])
+    manifest = json.loads((tmp_path / "w" / "train" / "manifest.json").read_text())
+    train_tokens = sum(sh["tokens"] for sh in manifest["shards"])
+    steps = max(1, round(0.5 * train_tokens / 4096))  # configs/demo_student.toml: 4,096 tokens per step
+    assert rp["ce_steps"] == rp["kd_steps"] == [steps]
+    assert rp["ce_passes"] == rp["kd_passes"] == [pytest.approx(steps * 4096 / train_tokens)]
+    assert rp["settings"]["passes"] == 0.5 and rp["settings"]["kd_select_frac"] == 0.5
+    names = {p.name for p in (tmp_path / "w" / "runs").iterdir()}
+    assert names & {"ce_p0p5_m5_sbs_s0", "ce_p0p5_m5_s0"}  # budget in the run names: never mixed with 0.1-min runs
+    assert any(n.startswith("kd_") and "_sel0p5_p0p5_m5" in n for n in names)

@@ -274,3 +274,46 @@ def test_loss_compiles_with_targets_and_alpha_as_inputs(gen):
     assert explain.graph_break_count == 0 and explain.graph_count == 1, explain.break_reasons
     for got, want in zip(kd_loss_prepared(z, t, alpha), kd_loss_prepared(z, t, 0.3)):
         assert torch.allclose(got, want, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("frac", [0.25, 0.5, 1.0])
+def test_select_rows_keeps_kd_on_the_highest_teacher_entropy_rows(gen, frac):
+    """Selective KD against the float64 reference on a teacher whose unselected rows were zeroed by hand:
+    the kept rows are the ⌈frac·N⌉ rows of highest bucket entropy −Σq log q − r log r, computed here in float64."""
+    from distill.losses import kd_loss_prepared, prepare_targets, select_rows
+
+    ids, probs, residual, _ = _teacher(gen)
+    probs[3] = 0.0  # a row without a target is never selected
+    residual[3] = 1.0
+    logits = torch.randn(N, V, generator=gen)
+    targets = torch.randint(0, V, (N,), generator=gen)
+    q, r = probs.double(), residual.double()
+    ent = -(torch.xlogy(q, q).sum(-1) + torch.xlogy(r, r))
+    ent[3] = -math.inf
+    keep = torch.zeros(N, dtype=torch.bool)
+    keep[ent.argsort(descending=True)[: math.ceil(frac * N)]] = True
+    keep[3] = False
+    p_sel = torch.where(keep[:, None], probs, 0.0)
+    r_sel = torch.where(keep, residual, 1.0)
+    want = _reference(logits, targets, ids, p_sel, r_sel, alpha=0.6)
+    t = select_rows(prepare_targets(targets, ids, probs, residual), frac)
+    assert torch.equal(t.has.bool(), keep)
+    got = kd_loss_prepared(logits, t, 0.6)
+    for g, w in zip(got, want):
+        assert abs(g.item() - w.item()) < 1e-5
+
+
+def test_alpha_anneal_window():
+    """kd.alpha_anneal_end < 1 hands α over to alpha_final before the end of the budget, then holds it."""
+    from types import SimpleNamespace
+
+    from student.config import KDConfig
+    from student.train import Trainer
+
+    k = KDConfig(alpha=0.9, alpha_schedule="anneal", alpha_anneal_frac=0.4, alpha_anneal_end=0.7, alpha_final=0.1)
+    at = lambda p: Trainer.alpha(SimpleNamespace(cfg=SimpleNamespace(kd=k), progress=lambda: p))
+    assert at(0.0) == pytest.approx(0.9) and at(0.3) == pytest.approx(0.9)
+    assert at(0.5) == pytest.approx(0.9 - 0.8 * 0.5)  # halfway through [0.3, 0.7]
+    assert at(0.7) == pytest.approx(0.1) and at(1.0) == pytest.approx(0.1)
+    k.alpha_anneal_end, k.alpha_anneal_frac = 1.0, 0.2  # the default window: the last 20 %
+    assert at(0.8) == pytest.approx(0.9) and at(0.9) == pytest.approx(0.5)
