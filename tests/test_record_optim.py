@@ -248,3 +248,24 @@ def test_ema_is_the_records_decay_average_of_live_weights(shards, tmp_path):
     saved = tr.saved_state()
     names = [n for n, _ in tr.model.named_parameters()]
     assert torch.equal(saved[names[0]], tr.ema[0])
+
+
+# ------------------------------------------------------------------------------ the fast step
+def test_ce_loss_inside_one_graph_and_no_host_read(shards, tmp_path):
+    from distill.losses import ce_loss
+    from student.train import TrainForward
+
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=64, num_layers=2, model_dim=32, num_heads=2, num_kv_heads=1))
+    x = torch.randint(0, 64, (2, 16))
+    y = torch.randint(0, 64, (2, 16))
+    fwd = TrainForward(model)
+    explained = torch._dynamo.explain(fwd)(x, y)
+    assert explained.graph_break_count == 0 and explained.graph_count == 1  # forward + CE: one graph
+    assert torch.equal(fwd(x, y), ce_loss(model(x).reshape(-1, 64), y.reshape(-1)))
+
+    tr = _trainer(shards, tmp_path, "--train.max_steps", "3")
+    row = tr.train_step(sync=False)  # the run loop's step: the loss stays a device tensor until logged
+    assert row["loss"] is None and isinstance(row["_sums"], torch.Tensor)
+    tr.write_metrics()
+    assert isinstance(row["loss"], float) and "_sums" not in row
