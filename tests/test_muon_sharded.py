@@ -11,7 +11,6 @@ import os
 import socket
 
 import numpy as np
-import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -20,7 +19,7 @@ from distill.shards import write_shard
 from student.muon import Muon
 
 SHAPES = [(24, 16)] * 3 + [(16, 40)] * 2 + [(8, 8)]  # 3 and 1 matrices: stacks padded to the world size
-OPTS = dict(lr=0.026, momentum=0.97, weight_decay=0.095, row_normalize=True, coeffs="polar_express")
+OPTS = {"lr": 0.026, "momentum": 0.97, "weight_decay": 0.095, "row_normalize": True, "coeffs": "polar_express"}
 
 
 def _free_port() -> int:
