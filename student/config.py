@@ -30,9 +30,12 @@ class TrainConfig:
     grad_accum_steps: int = 1  # micro-steps per optimizer step on each rank
     warmdown_steps: int = 1200  # linear LR warmdown over the last N (estimated) steps of the budget
     warmdown_frac: float = 0.0  # > 0: warm down over this fraction of the budget instead
+    min_lr_scale: float = 0.0  # LR floor during the warmdown, as a fraction of each group's base lr
     lr_warmup_steps: int = 0  # linear LR warm-up (the baseline uses none)
     compile_warmup_steps: int = 0  # steps run then rolled back (primes torch.compile; baseline: 20)
-    grad_clip_norm: float = 0.0
+    grad_clip_norm: float = 0.0  # global L2 norm over all grads (optim.muon_sharded: per rank, pre-average)
+    loop_enable_frac: float = 0.35  # depth recurrence (a model with `looping_active`) on from this progress
+    bf16_embed: bool = False  # CUDA: token embedding (and its Adam state) stored in bf16, as the baseline
     device: str = "auto"  # auto | cpu | cuda
     bf16: bool = True  # bf16 autocast (CUDA only; ignored on CPU)
     compile: bool = True  # torch.compile (CUDA only; ignored on CPU)
@@ -62,6 +65,12 @@ class OptimConfig:
     muon_momentum_warmup_steps: int = 500
     muon_backend_steps: int = 5
     muon_nesterov: bool = True
+    muon_coeffs: str = "quintic"  # quintic (baseline) | polar_express (per-iteration coefficients)
+    muon_row_normalize: bool = False  # unit-norm rows of the update before orthogonalising
+    muon_wd: float = 0.0  # decoupled weight decay on Muon matrices
+    muon_sharded: bool = False  # reduce-scatter / orthogonalise local slice / all-gather (no DDP for grads)
+    embed_wd: float = 0.0  # > 0: the embedding's Adam becomes AdamW with this decay
+    scalar_wd: float = 0.0  # > 0: the scalar group's Adam becomes AdamW with this decay
 
 
 @dataclass
@@ -277,6 +286,10 @@ def validate(cfg: RunConfig) -> None:
         raise DistillError(f"kd.temperature: must be positive, got {k.temperature}")
     if k.target_temperature <= 0:
         raise DistillError(f"kd.target_temperature: must be positive, got {k.target_temperature}")
+    if not 0.0 <= t.min_lr_scale <= 1.0:
+        raise DistillError(f"train.min_lr_scale: must lie in [0, 1], got {t.min_lr_scale}")
+    if cfg.optim.muon_coeffs not in ("quintic", "polar_express"):
+        raise DistillError(f"optim.muon_coeffs: must be quintic or polar_express, got {cfg.optim.muon_coeffs!r}")
     if t.qat_bits not in (2, 3, 4, 5, 6, 7, 8):
         raise DistillError(f"train.qat_bits: must be in 2..8, got {t.qat_bits}")
 

@@ -8,7 +8,12 @@ Overrides: `--section.key value` for any config key, plus --max-steps, --out, --
 --kd-alpha. The output directory is the checkpoint (model.safetensors, config.json, config.toml,
 metrics.jsonl, train.png, resume/). Schedules follow openai/parameter-golf train_gpt.py: Muon momentum
 warm-up 0.85 -> 0.95 over 500 steps, LR warmdown over the last `warmdown_steps` (estimated from the mean
-step time under the wall-clock cap), training time excluding evaluation.
+step time under the wall-clock cap), training time excluding evaluation. The 1.0611 record's recipe is
+options: warmdown over a fraction of the budget down to a floor (`warmdown_frac`, `min_lr_scale`), depth
+recurrence switched on at `loop_enable_frac`, the Muon/AdamW options of student.muon.
+
+The hot path does not wait for the device: losses stay on it and are read (one sync for all pending
+steps) only when a line is logged or metrics are written; the CE loss runs inside the compiled graph.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch import nn
 
 from distill.errors import DistillError
 from distill.fsutil import write_text_atomic
@@ -74,6 +80,21 @@ def _qat_forward(self, x: torch.Tensor) -> torch.Tensor:
     return F.linear(x, w.to(x.dtype), self.bias)
 
 
+class TrainForward(nn.Module):
+    """model(x) -> logits; with targets, the mean CE. One module, so torch.compile fuses the loss into the
+    forward's graph (the float32 (tokens x vocab) logits never round-trip memory) and DDP wraps one thing."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        logits = self.model(x)
+        if y is None:
+            return logits
+        return ce_loss(logits.reshape(-1, logits.size(-1)), y.reshape(-1))
+
+
 class Trainer:
     """One training run; `train_step()` is one optimizer step (the overhead benchmark drives it too)."""
 
@@ -102,8 +123,19 @@ class Trainer:
         torch.manual_seed(t.seed)  # identical init on every rank; data order comes from the loader
         np.random.seed(t.seed + self.rank)
         self.model = GPT(cfg.model).to(self.device)
+        if cuda and t.bf16 and t.bf16_embed:  # the baseline's .bfloat16() leaves only the embedding in bf16
+            self.model.tok_emb.weight.data = self.model.tok_emb.weight.data.bfloat16()
+        # depth recurrence: a model exposing `looping_active` trains without it until loop_enable_frac
+        self.looping = getattr(self.model, "looping_active", None) is not None
+        if self.looping:
+            self.model.looping_active = False
         self.optimizers = build_optimizers(self.model, cfg.optim, tied=cfg.model.tie_embeddings)
         self.muon = next(o for o in self.optimizers if hasattr(o, "orthogonalize"))
+        # optim.muon_sharded on several ranks: no DDP; Muon reduce-scatters its own grads and the rest are
+        # averaged in one packed all-reduce after backward (the record's scheme)
+        self.manual_sync = cfg.optim.muon_sharded and self.world > 1
+        self.replicated = [p for o in self.optimizers if o is not self.muon for g in o.param_groups
+                           for p in g["params"]]
         self.ema = [p.detach().float().clone() for p in self.model.parameters()] if t.ema else None
         if t.qat:
             for m in matrix_modules(self.model):
@@ -114,15 +146,15 @@ class Trainer:
         loader_state = None
         if resume:
             loader_state = self._load_resume()
-        fwd = self.model
+        fwd = TrainForward(self.model)
         self.kd_fn = kd_loss_prepared
         if cuda and t.compile:
-            fwd = torch.compile(self.model, dynamic=False)
+            fwd = torch.compile(fwd, dynamic=False)
             self.muon.orthogonalize = torch.compile(zeropower_via_newtonschulz5)
             # the KD loss compiled too (one graph, no breaks: tests/test_losses.py); alpha goes in as a tensor
             # so the annealed schedule does not recompile it every step
             self.kd_fn = torch.compile(kd_loss_prepared, dynamic=False)
-        self.fwd = self.acc.prepare(fwd)  # DDP when world > 1
+        self.fwd = fwd if self.manual_sync else self.acc.prepare(fwd)  # DDP when world > 1
 
         self.local_tokens = t.batch_tokens // (self.world * t.grad_accum_steps)
         if self.local_tokens * self.world * t.grad_accum_steps != t.batch_tokens:
@@ -177,11 +209,17 @@ class Trainer:
         return st["loader"]
 
     def _compile_warmup(self, n: int) -> None:
-        """Run n steps to trigger compilation, then roll weights, optimizers and data back (the baseline)."""
+        """Run n steps to trigger compilation, then roll weights, optimizers and data back (the baseline).
+        With depth recurrence, n more steps with the loop on compile that graph too (the record)."""
         snap_model = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         snap_opt = [copy.deepcopy(o.state_dict()) for o in self.optimizers]
         for _ in range(n):
             self.train_step(record=False)
+        if self.looping:
+            self.model.looping_active = True
+            for _ in range(n):
+                self.train_step(record=False)
+            self.model.looping_active = False
         self.model.load_state_dict(snap_model)
         for o, sd in zip(self.optimizers, snap_opt):
             o.load_state_dict(sd)
@@ -208,7 +246,8 @@ class Trainer:
             remaining = min(remaining, max(1000.0 * t.max_wallclock_s - self.train_ms, 0.0) / step_ms)
         total = self.step + remaining
         warmdown = t.warmdown_frac * total if t.warmdown_frac > 0 else float(t.warmdown_steps)
-        scale = min(1.0, remaining / warmdown) if warmdown > 0 else 1.0
+        # linear to 0 at the end of the budget, floored at min_lr_scale (the record's MIN_LR)
+        scale = max(min(1.0, remaining / warmdown), t.min_lr_scale) if warmdown > 0 else 1.0
         if t.lr_warmup_steps > 0:
             scale *= min(1.0, (self.step + 1) / t.lr_warmup_steps)
         return max(scale, 0.0)
@@ -224,6 +263,12 @@ class Trainer:
             a = (1.0 - frac) * a + frac * k.alpha_final
         return a
 
+    def _set_looping(self) -> bool:
+        """Depth recurrence on once progress reaches loop_enable_frac; it then stays on (eval, saving)."""
+        if self.looping and not self.model.looping_active and self.progress() >= self.cfg.train.loop_enable_frac:
+            self.model.looping_active = True
+        return self.looping and bool(self.model.looping_active)
+
     def _set_qat(self) -> bool:
         t = self.cfg.train
         on = t.qat and self.progress() >= 1.0 - t.qat_frac
@@ -233,10 +278,13 @@ class Trainer:
         return on
 
     # ---------------------------------------------------------------------------------- the step
-    def train_step(self, record: bool = True) -> dict:
+    def train_step(self, record: bool = True, sync: bool = True) -> dict:
+        """One optimizer step. sync=False (the run loop) leaves the losses on the device as row["_sums"]
+        for `_materialize`, so the host never waits; step_ms is then host time (the device may lag)."""
         t, o = self.cfg.train, self.cfg.optim
         t0 = time.perf_counter()
         scale, alpha, qat_on = self.lr_scale(), self.alpha(), self._set_qat()
+        looping = self._set_looping()
         frac = min(self.step / o.muon_momentum_warmup_steps, 1.0) if o.muon_momentum_warmup_steps > 0 else 1.0
         for g in self.muon.param_groups:
             g["momentum"] = (1 - frac) * o.muon_momentum_warmup_start + frac * o.muon_momentum
@@ -246,21 +294,23 @@ class Trainer:
         sums = torch.zeros(3, device=self.device)  # loss, ce, kd
         for micro in range(t.grad_accum_steps):
             batch = self.loader.next_batch().to(self.device)
-            sync = micro == t.grad_accum_steps - 1
-            with (contextlib.nullcontext() if sync else self.acc.no_sync(self.fwd)), self.autocast:
-                logits = self.fwd(batch.x).reshape(-1, self.cfg.model.vocab_size)
-                y = batch.y.reshape(-1)
+            last = micro == t.grad_accum_steps - 1
+            quiet = contextlib.nullcontext() if last or self.manual_sync else self.acc.no_sync(self.fwd)
+            with quiet, self.autocast:
                 if self.kd_on:
+                    logits = self.fwd(batch.x).reshape(-1, self.cfg.model.vocab_size)
                     a = torch.full((), alpha, device=self.device) if self.kd_fn is not kd_loss_prepared else alpha
                     kt = batch.kd if self.cfg.kd.select_frac >= 1.0 else select_rows(batch.kd, self.cfg.kd.select_frac)
                     loss, ce, kd = self.kd_fn(logits, kt, a, self.cfg.kd.chunk_rows or None)
                 else:
-                    loss = ce = ce_loss(logits, y)
+                    loss = ce = self.fwd(batch.x, batch.y)
                     kd = torch.zeros((), device=self.device)
                 self.acc.backward(loss / t.grad_accum_steps)
             sums += torch.stack([loss.detach(), ce.detach(), kd.detach()]).float()
-        if t.grad_clip_norm > 0:
+        if t.grad_clip_norm > 0:  # manual sync: each rank clips its own grads before averaging (the record)
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip_norm)
+        if self.manual_sync:
+            self._average_replicated_grads()
         for opt in self.optimizers:
             opt.step()
         for opt in self.optimizers:
@@ -268,21 +318,50 @@ class Trainer:
         if self.ema is not None:
             params = [p.detach().float() for p in self.model.parameters()]
             torch._foreach_lerp_(self.ema, params, 1.0 - t.ema_decay)
-        sums /= t.grad_accum_steps
-        vals = sums.tolist()  # syncs the device: step_ms is the real step time
+        sums = (sums / t.grad_accum_steps).detach()
+        if sync:
+            sums = sums.cpu()  # waits for the device: step_ms is the real step time
         step_ms = 1000.0 * (time.perf_counter() - t0)
         self.step += 1
         self.tokens += t.batch_tokens
         self.train_ms += self._agree_max(step_ms)  # every rank stops (and schedules) on the same clock
-        row = {"step": self.step, "loss": vals[0], "step_ms": step_ms, "tokens": self.tokens,
-               "lr": o.matrix_lr * scale, "lr_scale": scale, "elapsed_s": self.train_ms / 1000.0}
+        row = {"step": self.step, "loss": None, "step_ms": step_ms, "tokens": self.tokens,
+               "lr": o.matrix_lr * scale, "lr_scale": scale, "elapsed_s": self.train_ms / 1000.0, "_sums": sums}
         if self.kd_on:
-            row.update(ce=vals[1], kd=vals[2], alpha=alpha)
+            row.update(ce=None, kd=None, alpha=alpha)
         if qat_on:
             row["qat"] = True
+        if looping:
+            row["looping"] = True
         if record:
             self.rows.append(row)
+        if sync or not record:
+            self._materialize([row])
         return row
+
+    def _materialize(self, rows: list[dict] | None = None) -> None:
+        """Device-side losses -> floats in their rows: one host sync for every pending step."""
+        pending = [r for r in (self.rows if rows is None else rows) if "_sums" in r]
+        if not pending:
+            return
+        vals = torch.stack([r.pop("_sums") for r in pending]).tolist()
+        for r, v in zip(pending, vals, strict=True):
+            r["loss"] = v[0]
+            if "ce" in r:
+                r["ce"], r["kd"] = v[1], v[2]
+
+    def _average_replicated_grads(self) -> None:
+        """Mean of the non-Muon grads over ranks, one all-reduce per dtype (Muon reduces its own)."""
+        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+        for p in self.replicated:
+            if p.grad is not None:
+                by_dtype.setdefault(p.grad.dtype, []).append(p.grad)
+        for grads in by_dtype.values():
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            dist.all_reduce(flat)
+            flat /= self.world
+            for g, f in zip(grads, flat.split([g.numel() for g in grads]), strict=True):
+                g.copy_(f.view_as(g))
 
     def _agree_max(self, x: float) -> float:
         if self.world > 1 and dist.is_initialized():
@@ -350,12 +429,14 @@ class Trainer:
         self.acc.wait_for_everyone()
 
     def write_metrics(self) -> None:
+        self._materialize()
         if self.main:
             write_text_atomic(self.out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.rows))
 
     def log(self, row: dict) -> None:
         if not self.log_enabled:
             return
+        self._materialize()
         keys = ["step", "loss", "ce", "kd", "alpha", "lr_scale", "step_ms", "tokens", "elapsed_s",
                 "val_loss", "val_bpb"]
         parts = []
@@ -372,7 +453,7 @@ class Trainer:
         cap_ms = 1000.0 * t.max_wallclock_s if t.max_wallclock_s > 0 else math.inf
         last_flush = time.perf_counter()
         while self.step < t.max_steps and self.train_ms < cap_ms:
-            row = self.train_step()
+            row = self.train_step(sync=False)
             if e.val_every > 0 and self.step % e.val_every == 0 and self.step < t.max_steps:
                 row.update(self.evaluate() or {})
             if t.log_every > 0 and (self.step % t.log_every == 0 or "val_bpb" in row):
