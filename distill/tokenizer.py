@@ -39,8 +39,10 @@ CHALLENGE_SPEC = dict(
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int, out_path: str | os.PathLike,
-                    max_sentence_length: int = 16384, num_threads: int | None = None) -> Path:
-    """Train a SentencePiece BPE model with the challenge's spec; write `out_path` (+ .vocab) atomically."""
+                    max_sentence_length: int = 16384, num_threads: int | None = None,
+                    user_defined_symbols: Sequence[str] = ()) -> Path:
+    """Train a SentencePiece BPE model with the challenge's spec; write `out_path` (+ .vocab) atomically.
+    `user_defined_symbols` become whole pieces right after the 4 specials (CaseOps: its 4 operators)."""
     import sentencepiece as spm
 
     out_path = Path(out_path)
@@ -59,6 +61,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_path: str | os.Pa
             max_sentence_length=max_sentence_length,
             num_threads=num_threads or max(1, os.cpu_count() or 1),
             minloglevel=2,
+            **({"user_defined_symbols": list(user_defined_symbols)} if user_defined_symbols else {}),
             **CHALLENGE_SPEC,
         )
         os.replace(prefix + ".model", tmp_model)
