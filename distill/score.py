@@ -84,10 +84,8 @@ def score(model_path: str, tokenizer: str, val: str, seq_len: int, stride: int |
           trust_code: bool = False, tokenizer_check: bool = True, progress: bool = True) -> dict:
     """Everything `distill score` does, as a function -> the result dict (see `add_parser`)."""
     from distill.metric import evaluate_bpb
-    from distill.shards import load_byte_counts, read_shard, resolve_shards
+    from distill.shards import load_val, resolve_shards
     from distill.tokenizer import build_luts, load_tokenizer, tokenizer_hash
-
-    import numpy as np
 
     t0 = time.time()
     sp = load_tokenizer(tokenizer)
@@ -95,9 +93,8 @@ def score(model_path: str, tokenizer: str, val: str, seq_len: int, stride: int |
         check_space_piece(sp, tokenizer)
     vocab = int(sp.vocab_size())
     shards = resolve_shards(val)
-    parts = [np.asarray(read_shard(p, vocab_size=vocab)) for p in shards]  # header/size/magic + ids < vocab
-    tokens = np.concatenate(parts)
-    byte_counts = load_byte_counts(shards, parts)  # None without sidecars: the LUT count
+    # header/size/magic + ids < vocab, one line per shard; byte_counts None without sidecars: the LUT count
+    tokens, byte_counts = load_val(shards, vocab_size=vocab)
     model = load_model(model_path, device=device, trust_code=trust_code)
     model_vocab = model_vocab_size(model, device)
     if model_vocab != vocab:

@@ -161,3 +161,13 @@ def load_byte_counts(shards: Sequence[str | os.PathLike], tokens: Sequence[np.nd
     toks = tokens if tokens is not None else [read_shard(p) for p in shards]
     parts = [read_sidecar(c, t) for c, t in zip(cars, toks)]
     return np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint16)
+
+
+def load_val(pattern: str | os.PathLike | Sequence[str | os.PathLike],
+             vocab_size: int | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """The val stream and, when its shards have sidecars, the aligned original-byte counts (else None):
+    pass both to distill.metric.evaluate_bpb(tokens, ..., byte_counts=counts), slicing them alike."""
+    shards = resolve_shards(pattern)
+    parts = [np.asarray(read_shard(p, vocab_size=vocab_size)) for p in shards]
+    tokens = np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint16)
+    return tokens, load_byte_counts(shards, parts)
