@@ -215,3 +215,19 @@ def test_glob_skips_sidecars_explicit_path_does_not(built):
     assert all("_bytes_" not in p.name for p in resolve_shards(str(built / "fineweb_*.bin")))
     explicit = built / "fineweb_val_bytes_000000.bin"
     assert resolve_shards(str(explicit)) == [explicit]
+
+
+def test_build_is_the_same_in_workers_and_small_batches(built, sample200_path, record_tok, tmp_path):
+    """Worker processes, and batches small enough that train batches skip the span decoding, write the
+    same files byte for byte."""
+    from distill.data.build import BuildConfig, build_shards
+
+    for name, kw in (("pool", dict(workers=2)), ("small", dict(workers=1, batch_docs=2))):
+        out = tmp_path / name
+        build_shards(BuildConfig(docs=str(sample200_path), tokenizer=str(record_tok), out=str(out), curate=False,
+                                 val_docs=VAL_DOCS, max_docs=8, shard_tokens=4000, caseops=True, **kw),
+                     progress=False)
+        names = sorted(p.name for p in built.glob("fineweb_*.bin"))
+        assert names == sorted(p.name for p in out.glob("fineweb_*.bin"))
+        for n in names:
+            assert (out / n).read_bytes() == (built / n).read_bytes(), (name, n)
