@@ -29,7 +29,7 @@ counted nowhere: no token predicts it, as in the challenge's own byte count.
 from __future__ import annotations
 
 import re
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

@@ -14,7 +14,7 @@ Windows (openai/parameter-golf `eval_val`): the val stream is truncated to ((Nâˆ
 from __future__ import annotations
 
 import math
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import torch

@@ -222,7 +222,7 @@ def test_build_is_the_same_in_workers_and_small_batches(built, sample200_path, r
     same files byte for byte."""
     from distill.data.build import BuildConfig, build_shards
 
-    for name, kw in (("pool", dict(workers=2)), ("small", dict(workers=1, batch_docs=2))):
+    for name, kw in (("pool", {"workers": 2}), ("small", {"workers": 1, "batch_docs": 2})):
         out = tmp_path / name
         build_shards(BuildConfig(docs=str(sample200_path), tokenizer=str(record_tok), out=str(out), curate=False,
                                  val_docs=VAL_DOCS, max_docs=8, shard_tokens=4000, caseops=True, **kw),
