@@ -1,6 +1,8 @@
 """The challenge's tokenizer-agnostic bits-per-byte, for any model that maps ids (B,T) -> logits (B,T,V).
 
 val_bpb = Σ nll_nats / (ln 2 · Σ bytes), sums in float64 over every scored target.
+Bytes of a target: the tokenizer's LUTs (the challenge), or, given `byte_counts` (the CaseOps records' per-token
+original-byte sidecar, distill.shards), byte_counts[position of the target] — the original text's bytes.
 
 Windows (openai/parameter-golf `eval_val`): the val stream is truncated to ((N−1)//L)·L + 1 tokens.
 - default: non-overlapping windows of L inputs, each predicting the next L tokens;
@@ -12,7 +14,7 @@ Windows (openai/parameter-golf `eval_val`): the val stream is truncated to ((N�
 from __future__ import annotations
 
 import math
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -55,9 +57,14 @@ def _batches(plan, batch_size: int) -> Iterator[list[tuple[int, int]]]:
 def evaluate_bpb(model: torch.nn.Module, tokens: np.ndarray, luts: ByteLUTs, seq_len: int,
                  stride: int | None = None, batch_size: int = 8, device: str | torch.device = "cpu",
                  max_windows: int | None = None, autocast_dtype: torch.dtype | None = None,
-                 progress: bool = False) -> dict:
-    """Score `tokens` (the concatenated val stream) -> {val_loss, val_bpb, tokens, bytes, windows}."""
+                 progress: bool = False, byte_counts: np.ndarray | None = None) -> dict:
+    """Score `tokens` (the concatenated val stream) -> {val_loss, val_bpb, tokens, bytes, windows}.
+    `byte_counts` (one per token of `tokens`) replaces the LUT byte count when given."""
     tokens = np.asarray(tokens)
+    if byte_counts is not None:
+        byte_counts = np.asarray(byte_counts)
+        if len(byte_counts) != len(tokens):
+            raise DistillError(f"byte sidecar has {len(byte_counts)} entries for {len(tokens)} val tokens")
     plan = window_plan(len(tokens), seq_len, stride)
     if max_windows is not None:
         plan = plan[:max_windows]
@@ -84,8 +91,11 @@ def evaluate_bpb(model: torch.nn.Module, tokens: np.ndarray, luts: ByteLUTs, seq
         nll = nll.view(len(batch), L).double().cpu().numpy()
         for row, (ws, first) in enumerate(batch):
             nll_sum += float(nll[row, first:].sum(dtype=np.float64))
-            prev, tgt = idx[row, first:-1], idx[row, first + 1 :]
-            n_bytes += int(luts.target_bytes(prev, tgt).sum())
+            if byte_counts is not None:  # target t of window ws sits at stream position ws + 1 + t
+                n_bytes += int(byte_counts[ws + 1 + first : ws + L + 1].sum(dtype=np.int64))
+            else:
+                prev, tgt = idx[row, first:-1], idx[row, first + 1 :]
+                n_bytes += int(luts.target_bytes(prev, tgt).sum())
             n_tok += L - first
         if pbar is not None:
             pbar.update(len(batch))

@@ -11,6 +11,11 @@ Default (no --stride) is the challenge's evaluation exactly (distill.metric: con
 non-overlapping windows of L, float64 sums, LUT bytes). --stride s scores sliding windows (each token
 once, >= L-s context).
 
+Original bytes: when every val shard has a byte sidecar beside it (fineweb_val_bytes_XXXXXX.bin, written by
+`distill data build --caseops`, the CaseOps records' format), bpb divides by the ORIGINAL text's bytes read
+from it instead of the tokenizer's LUT bytes (a transformed text's pieces do not spell the original bytes).
+Without sidecars nothing changes. The result's "bytes_source" says which was used.
+
 Before scoring, every input is checked and refused with one line naming the file: shard header/size and
 token ids against the tokenizer's vocab, the model's vocab against the tokenizer's, and the tokenizer
 itself — it must have a standalone "▁" piece, or spaces are byte-encoded as the 3 UTF-8 bytes of U+2581
@@ -79,7 +84,7 @@ def score(model_path: str, tokenizer: str, val: str, seq_len: int, stride: int |
           trust_code: bool = False, tokenizer_check: bool = True, progress: bool = True) -> dict:
     """Everything `distill score` does, as a function -> the result dict (see `add_parser`)."""
     from distill.metric import evaluate_bpb
-    from distill.shards import load_tokens, resolve_shards
+    from distill.shards import load_val, resolve_shards
     from distill.tokenizer import build_luts, load_tokenizer, tokenizer_hash
 
     t0 = time.time()
@@ -88,19 +93,21 @@ def score(model_path: str, tokenizer: str, val: str, seq_len: int, stride: int |
         check_space_piece(sp, tokenizer)
     vocab = int(sp.vocab_size())
     shards = resolve_shards(val)
-    tokens = load_tokens(shards, vocab_size=vocab)  # header/size/magic + ids < vocab, one line per shard
+    # header/size/magic + ids < vocab, one line per shard; byte_counts None without sidecars: the LUT count
+    tokens, byte_counts = load_val(shards, vocab_size=vocab)
     model = load_model(model_path, device=device, trust_code=trust_code)
     model_vocab = model_vocab_size(model, device)
     if model_vocab != vocab:
         raise DistillError(f"{model_path}: model vocab {model_vocab} != tokenizer vocab {vocab} ({tokenizer})")
     luts = build_luts(sp, vocab)
     res = evaluate_bpb(model, tokens, luts, seq_len, stride=stride, batch_size=batch_size, device=device,
-                       max_windows=max_windows, progress=progress)
+                       max_windows=max_windows, progress=progress, byte_counts=byte_counts)
     return {
         "val_loss": res["val_loss"],
         "val_bpb": res["val_bpb"],
         "tokens": res["tokens"],
         "bytes": res["bytes"],
+        "bytes_source": "lut" if byte_counts is None else "sidecar",
         "windows": res["windows"],
         "model": str(model_path),
         "tokenizer": str(tokenizer),
@@ -127,7 +134,7 @@ def handler(args: argparse.Namespace) -> int:
                 progress=not args.json)
     mode = "default" if args.stride is None else f"stride {args.stride}"
     print(f"score | model:{res['model']} | seq_len:{res['seq_len']} ({mode}) | windows:{res['windows']} | "
-          f"tokens:{res['tokens']} | bytes:{res['bytes']} | val_loss:{res['val_loss']:.6f} | "
+          f"tokens:{res['tokens']} | bytes:{res['bytes']} ({res['bytes_source']}) | val_loss:{res['val_loss']:.6f} | "
           f"val_bpb:{res['val_bpb']:.6f}{' | PARTIAL' if res['partial'] else ''}")
     if args.json:
         print(json.dumps(res))

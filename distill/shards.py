@@ -3,12 +3,19 @@
 Layout: 256 little-endian int32 header = [20240520, 1, num_tokens, 0, ...] (1,024 bytes), then num_tokens
 little-endian uint16 token ids. File size must equal 1024 + 2 * num_tokens. Documents are packed as
 [BOS=1] + tokens with no EOS; a document may straddle two shards.
+
+Byte sidecar (the CaseOps records' format): `fineweb_val_bytes_XXXXXX.bin` beside `fineweb_val_XXXXXX.bin`,
+the same header and layout, one uint16 per token = the ORIGINAL text's UTF-8 bytes that token stands for
+(BOS = 0; see distill.caseops). When present, bpb counts these bytes instead of the tokenizer's LUT bytes,
+because a transformed text's pieces no longer spell the original bytes. Sidecars are never token shards:
+globs skip them.
 """
 
 from __future__ import annotations
 
 import glob as _glob
 import os
+import re
 from pathlib import Path
 from typing import Sequence
 
@@ -80,12 +87,31 @@ def read_shard(path: str | os.PathLike, vocab_size: int | None = None, mmap: boo
     return tokens
 
 
+_SIDECAR_RE = re.compile(r"^(?P<stem>.+)_bytes_(?P<index>\d+)\.bin$")
+
+
+def is_sidecar(path: str | os.PathLike) -> bool:
+    """A byte sidecar's name: <prefix>_bytes_<index>.bin (e.g. fineweb_val_bytes_000000.bin)."""
+    return _SIDECAR_RE.match(Path(path).name) is not None
+
+
+def sidecar_path(shard: str | os.PathLike) -> Path | None:
+    """fineweb_val_000000.bin -> fineweb_val_bytes_000000.bin, in the same folder (None: a shard name
+    not ending in _<index>.bin has no sidecar)."""
+    shard = Path(shard)
+    m = re.match(r"^(?P<stem>.+)_(?P<index>\d+)\.bin$", shard.name)
+    return None if m is None else shard.with_name(f"{m['stem']}_bytes_{m['index']}.bin")
+
+
 def resolve_shards(pattern: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
-    """Expand a glob (or a list of paths/globs) to a sorted list of shard paths; refuse an empty match."""
+    """Expand a glob (or a list of paths/globs) to a sorted list of shard paths; refuse an empty match.
+    Byte sidecars matched by a glob (fineweb_val_*.bin also matches fineweb_val_bytes_*.bin) are left out."""
     patterns = [pattern] if isinstance(pattern, (str, os.PathLike)) else list(pattern)
     paths: list[Path] = []
     for p in patterns:
         hits = sorted(_glob.glob(str(p)))
+        if _glob.has_magic(str(p)):
+            hits = [h for h in hits if not is_sidecar(h)]
         if not hits:
             raise DistillError(f"{p}: no shard files match")
         paths.extend(Path(h) for h in hits)
@@ -101,3 +127,47 @@ def load_tokens(pattern: str | os.PathLike | Sequence[str | os.PathLike], vocab_
 def shard_name(split: str, index: int) -> str:
     """The challenge's file naming: fineweb_{train,val}_{index:06d}.bin."""
     return f"fineweb_{split}_{index:06d}.bin"
+
+
+def sidecar_name(split: str, index: int) -> str:
+    """The CaseOps records' sidecar naming: fineweb_{split}_bytes_{index:06d}.bin."""
+    return f"fineweb_{split}_bytes_{index:06d}.bin"
+
+
+def read_sidecar(path: str | os.PathLike, tokens: np.ndarray, bos_id: int = BOS_ID) -> np.ndarray:
+    """One sidecar, validated against its token shard's `tokens`: same length, 0 at every BOS."""
+    path = Path(path)
+    counts = np.asarray(read_shard(path, mmap=False))
+    if len(counts) != len(tokens):
+        raise DistillError(f"{path}: byte sidecar has {len(counts)} entries but its shard has {len(tokens)} tokens")
+    bad = np.flatnonzero((np.asarray(tokens) == bos_id) & (counts != 0))
+    if bad.size:
+        raise DistillError(f"{path}: byte sidecar gives {int(counts[bad[0]])} bytes to the BOS at position "
+                           f"{int(bad[0])} (must be 0: sidecar not aligned with its shard)")
+    return counts
+
+
+def load_byte_counts(shards: Sequence[str | os.PathLike], tokens: Sequence[np.ndarray] | None = None) -> np.ndarray | None:
+    """The concatenated original-byte sidecars of `shards` (in their order), or None when none has one.
+    Some shards with a sidecar and some without is refused: the byte count would mix two definitions."""
+    shards = [Path(p) for p in shards]
+    cars = [sidecar_path(p) for p in shards]
+    present = [c is not None and c.is_file() for c in cars]
+    if not any(present):
+        return None
+    if not all(present):
+        k = present.index(False)
+        raise DistillError(f"{cars[k] or shards[k]}: byte sidecar missing (other val shards have one; all or none must)")
+    toks = tokens if tokens is not None else [read_shard(p) for p in shards]
+    parts = [read_sidecar(c, t) for c, t in zip(cars, toks)]
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint16)
+
+
+def load_val(pattern: str | os.PathLike | Sequence[str | os.PathLike],
+             vocab_size: int | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """The val stream and, when its shards have sidecars, the aligned original-byte counts (else None):
+    pass both to distill.metric.evaluate_bpb(tokens, ..., byte_counts=counts), slicing them alike."""
+    shards = resolve_shards(pattern)
+    parts = [np.asarray(read_shard(p, vocab_size=vocab_size)) for p in shards]
+    tokens = np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint16)
+    return tokens, load_byte_counts(shards, parts)

@@ -39,8 +39,10 @@ CHALLENGE_SPEC = dict(
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int, out_path: str | os.PathLike,
-                    max_sentence_length: int = 16384, num_threads: int | None = None) -> Path:
-    """Train a SentencePiece BPE model with the challenge's spec; write `out_path` (+ .vocab) atomically."""
+                    max_sentence_length: int = 16384, num_threads: int | None = None,
+                    user_defined_symbols: Sequence[str] = ()) -> Path:
+    """Train a SentencePiece BPE model with the challenge's spec; write `out_path` (+ .vocab) atomically.
+    `user_defined_symbols` become whole pieces right after the 4 specials (CaseOps: its 4 operators)."""
     import sentencepiece as spm
 
     out_path = Path(out_path)
@@ -52,15 +54,20 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_path: str | os.Pa
     out_path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(out_path) as tmp_model:
         prefix = str(tmp_model)[: -len(".tmp")] + "_sp"
-        spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(texts),
-            model_prefix=prefix,
-            vocab_size=vocab_size,
-            max_sentence_length=max_sentence_length,
-            num_threads=num_threads or max(1, os.cpu_count() or 1),
-            minloglevel=2,
-            **CHALLENGE_SPEC,
-        )
+        extra = {"user_defined_symbols": list(user_defined_symbols)} if user_defined_symbols else {}
+        try:
+            spm.SentencePieceTrainer.train(
+                sentence_iterator=iter(texts),
+                model_prefix=prefix,
+                vocab_size=vocab_size,
+                max_sentence_length=max_sentence_length,
+                num_threads=num_threads or max(1, os.cpu_count() or 1),
+                minloglevel=2,
+                **extra,
+                **CHALLENGE_SPEC,
+            )
+        except RuntimeError as e:  # e.g. a vocab smaller than the characters it must cover: one line
+            raise DistillError(f"{out_path}: SentencePiece training failed ({str(e).splitlines()[0][-160:]})") from None
         os.replace(prefix + ".model", tmp_model)
         os.replace(prefix + ".vocab", out_path.with_suffix(".vocab"))
     return out_path

@@ -15,6 +15,17 @@ by `Batch.to` — dequantised through the cache's code table and turned into dis
 prepare_targets there; on CPU the background thread does that expansion, so `Batch.kd` is ready when
 next_batch() returns. The loader's position is a small dict (`state`) saved with a checkpoint; a loader
 built from it yields the same next batches.
+
+Packing (`packing`): "stream" (default, the baseline's TokenStream) reshapes each span into rows of seq_len,
+crossing shard and document boundaries freely. "bos" packs as the 1.0611 record's DocumentPackingLoader, for
+per-document attention: within a shard, the first step starts at the shard's first BOS (the tail of a document
+begun in the previous shard is skipped), steps then follow one another contiguously, and a step that does not
+fit in the rest of its shard moves to the next shard's first BOS (the rest is dropped; a shard too short for
+one step is skipped). Rank r takes the r-th span of the step, as in "stream", so a span never crosses a shard
+boundary. The span is one row, x of shape (1, local_tokens): the model's per-document attention splits it at
+each BOS and cuts documents every doc_max_len tokens from their start — the record's cu_seqlens exactly (a
+reshape into rows would cut documents at row boundaries instead). Deterministic (nothing is random); the
+state carries "packing": "bos" and a loader refuses a state saved under the other packing.
 """
 
 from __future__ import annotations
@@ -158,7 +169,10 @@ class DistributedLoader:
                  cache_dir: str | None = None, tokenizer_path: str | None = None, vocab_size: int | None = None,
                  prefetch: int = 4, pin_memory: bool = False, state: dict | None = None,
                  temperature: float = 1.0, top_k: int = 0, target_temperature: float = 1.0,
-                 device: str | torch.device | None = None, workers: int = 1):
+                 device: str | torch.device | None = None, workers: int = 1, packing: str = "stream",
+                 bos_id: int = 1):
+        if packing not in ("stream", "bos"):
+            raise DistillError(f"data.packing: must be \"stream\" or \"bos\", got {packing!r}")
         if local_tokens % seq_len:
             raise DistillError(f"train.batch_tokens: per-rank micro-batch of {local_tokens} tokens is not a "
                                f"multiple of seq_len {seq_len}")
@@ -171,6 +185,11 @@ class DistributedLoader:
             raise DistillError(f"{pattern}: {sum(self.sizes)} training tokens, fewer than one step's "
                                f"{self.chunk} (batch_tokens / grad_accum + 1 per rank)")
         self.seq_len, self.rank, self.world = seq_len, rank, world_size
+        self.packing, self.bos_id = packing, int(bos_id)
+        self._first_bos: dict[int, int | None] = {}
+        if packing == "bos" and not any(self._fits(s, 0) for s in range(len(self.sizes))):
+            raise DistillError(f"{pattern}: no shard holds one step ({self.chunk} tokens) after its first BOS "
+                               f"(id {self.bos_id}); data.packing = \"bos\" needs longer shards or smaller batches")
         self.vocab_size = vocab_size
         self.pin = pin_memory
         # where the loss runs: CUDA -> teacher rows travel compact and are expanded by Batch.to on the device
@@ -181,7 +200,11 @@ class DistributedLoader:
         self.cache, self.cache_index = (None, None)
         if cache_dir:
             self.cache, self.cache_index = open_cache(cache_dir, self.paths, tokenizer_path)
-        self.state = dict(state) if state else {"shard": 0, "pos": 0, "epoch": 0}
+        fresh = {"shard": 0, "pos": 0, "epoch": 0, **({"packing": "bos"} if packing == "bos" else {})}
+        self.state = dict(state) if state else fresh
+        if self.state.get("packing", "stream") != packing:
+            raise DistillError(f"loader state was saved with data.packing = \"{self.state.get('packing', 'stream')}\" "
+                               f"but this run packs \"{packing}\" (resume with the same setting)")
         # `workers` producer threads build batches i ≡ w (mod workers) from their own copy of the position and
         # are read round-robin, so the batch sequence and the saved states equal the one-thread loader's
         # (decoding and expansion release the GIL: two threads ≈ two cores per rank)
@@ -221,16 +244,48 @@ class DistributedLoader:
             n -= k
         return pieces
 
+    # -- "bos" packing: steps inside one shard, the first at its first BOS
+    def first_bos(self, shard: int) -> int | None:
+        """Position of the shard's first BOS (None: it has none), read in blocks from the memmap, memoised."""
+        if shard not in self._first_bos:
+            toks, found, block = self.tokens[shard], None, 1 << 20
+            for a in range(0, len(toks), block):
+                hits = np.flatnonzero(np.asarray(toks[a : a + block]) == self.bos_id)
+                if hits.size:
+                    found = a + int(hits[0])
+                    break
+            self._first_bos[shard] = found
+        return self._first_bos[shard]
+
+    def _fits(self, shard: int, pos: int) -> bool:
+        first = self.first_bos(shard)
+        return first is not None and max(pos, first) + self.chunk <= self.sizes[shard]
+
+    def _bos_step(self, st: dict) -> list[tuple[int, int, int]]:
+        """Consume one step (every rank's span) from `st` (mutated); return this rank's piece."""
+        while not self._fits(st["shard"], st["pos"]):
+            st["shard"], st["pos"] = st["shard"] + 1, 0
+            if st["shard"] == len(self.sizes):
+                st["shard"], st["epoch"] = 0, st["epoch"] + 1
+        st["pos"] = max(st["pos"], self.first_bos(st["shard"]))
+        start = st["pos"] + self.rank * self.span
+        st["pos"] += self.chunk
+        return [(st["shard"], start, start + self.span)]
+
     def _make(self, st: dict) -> Batch:
-        self._advance(st, self.rank * self.span)  # the ranks before us
-        pieces = self._advance(st, self.span)
-        self._advance(st, (self.world - self.rank - 1) * self.span)
+        if self.packing == "bos":
+            pieces = self._bos_step(st)
+        else:
+            self._advance(st, self.rank * self.span)  # the ranks before us
+            pieces = self._advance(st, self.span)
+            self._advance(st, (self.world - self.rank - 1) * self.span)
         span = np.concatenate([np.asarray(self.tokens[s][a:b]) for s, a, b in pieces]).astype(np.int64)
         if self.vocab_size is not None and span.max() >= self.vocab_size:
             raise DistillError(f"{self.paths[pieces[0][0]]}: token id {int(span.max())} is outside the "
                                f"model's vocab ({self.vocab_size})")
-        x = torch.from_numpy(span[:-1]).view(-1, self.seq_len)
-        y = torch.from_numpy(span[1:]).view(-1, self.seq_len)
+        row = self.span - 1 if self.packing == "bos" else self.seq_len  # "bos": one row, split by the model
+        x = torch.from_numpy(span[:-1]).view(-1, row)
+        y = torch.from_numpy(span[1:]).view(-1, row)
         batch = Batch(x, y)
         if self.cache is not None:
             # cache rows index the inputs: drop the span's last token (it is only a target)
@@ -257,7 +312,10 @@ class DistributedLoader:
 
     def _skip(self, st: dict) -> None:
         """Advance `st` past one whole step (every rank's span) without reading anything."""
-        self._advance(st, self.world * self.span)
+        if self.packing == "bos":
+            self._bos_step(st)
+        else:
+            self._advance(st, self.world * self.span)
 
     def _produce(self, st: dict, w: int) -> None:
         q = self._queues[w]

@@ -4,6 +4,8 @@
   distill data tokenizer --docs docs.jsonl --vocab-size 4096 --out tok/fineweb_4096_bpe.model --max-docs 200000
   distill data build --docs hf:HuggingFaceFW/fineweb:sample-10BT --tokenizer tok.model --out shards/ \\
       --val-docs 50000 --workers 8
+  distill data build --caseops --docs docs.jsonl --tokenizer fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model \\
+      --out shards/ --val-docs 50000          (CaseOps text + fineweb_val_bytes_*.bin original-byte sidecars)
 """
 
 from __future__ import annotations
@@ -36,11 +38,17 @@ def _tokenizer(args: argparse.Namespace) -> int:
     if args.vocab_size < 260:  # 4 specials + 256 byte-fallback pieces must fit
         raise DistillError(f"--vocab-size: must be >= 260 with byte fallback, got {args.vocab_size}")
     texts = list(iter_docs(args.docs, args.max_docs))
-    out = train_tokenizer(texts, args.vocab_size, args.out, num_threads=args.threads)
+    symbols: tuple[str, ...] = ()
+    if args.caseops:  # train on the transformed text, with the operators as whole pieces (as the records)
+        from distill import caseops
+
+        texts = [caseops.encode(t) for t in texts]
+        symbols = caseops.OPERATORS
+    out = train_tokenizer(texts, args.vocab_size, args.out, num_threads=args.threads, user_defined_symbols=symbols)
     sp = load_tokenizer(out)
     check_space_piece(sp, out)  # guard against the byte-encoded-space bug
     res = {"tokenizer": str(out), "vocab_size": int(sp.vocab_size()), "docs": len(texts),
-           "sha256": tokenizer_hash(out)}
+           "sha256": tokenizer_hash(out), "text_transform": "lossless_caps_caseops_v1" if args.caseops else "identity"}
     print(f"tokenizer | out:{out} | vocab:{res['vocab_size']} | docs:{len(texts)} | sha256:{res['sha256'][:16]}")
     if args.json:
         print(json.dumps(res))
@@ -52,7 +60,7 @@ def _build(args: argparse.Namespace) -> int:
 
     cfg = BuildConfig(docs=args.docs, tokenizer=args.tokenizer, out=args.out, val_docs=args.val_docs,
                       shard_tokens=args.shard_tokens, workers=args.workers, curate=not args.no_curate,
-                      max_docs=args.max_docs, force=args.force)
+                      max_docs=args.max_docs, force=args.force, caseops=args.caseops)
     m = build_shards(cfg, progress=not args.json)
     d, t = m["docs"], m["tokens"]
     dropped = " ".join(f"{k}={v}" for k, v in d["dropped"].items()) or "none (--no-curate)"
@@ -83,6 +91,9 @@ def add_parser(subparsers) -> None:
     t.add_argument("--vocab-size", type=int, required=True)
     t.add_argument("--out", required=True, help="output .model path (a .vocab is written beside it)")
     t.add_argument("--max-docs", type=int, default=None, help="train on the first N documents only")
+    t.add_argument("--caseops", action="store_true",
+                   help="train on CaseOps-transformed text with its 4 operators as pieces (the records' "
+                        "fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model is one; build accepts it as is)")
     t.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="SentencePiece trainer threads")
     t.add_argument("--json", action="store_true", help="print one JSON object as the last stdout line")
     t.set_defaults(func=_tokenizer)
@@ -99,5 +110,9 @@ def add_parser(subparsers) -> None:
                    help="no normalisation, filtering or dedup (reproduces the challenge's tokenization exactly)")
     b.add_argument("--max-docs", type=int, default=None, help="read at most N input documents")
     b.add_argument("--force", action="store_true", help="replace shards / manifest already in --out")
+    b.add_argument("--caseops", action="store_true",
+                   help="CaseOps-transform each document before tokenizing (needs a CaseOps tokenizer) and write "
+                        "fineweb_val_bytes_NNNNNN.bin original-byte sidecars beside the val shards (distill score "
+                        "then counts the original text's bytes)")
     b.add_argument("--json", action="store_true", help="print one JSON object as the last stdout line")
     b.set_defaults(func=_build)
