@@ -80,6 +80,10 @@ class DataConfig:
     tokenizer: str = "data/tokenizers/fineweb_1024_bpe.model"
     prefetch: int = 4  # batches decoded ahead by the loader threads
     loader_workers: int = 0  # loader producer threads per rank; 0 = auto (2 when training on CUDA, else 1)
+    # "stream": rows cut from the token stream (the baseline); "bos": each step starts at a document's BOS and
+    # runs on contiguously, one (1, local_tokens) row per micro-step, for per-document attention (the record)
+    packing: str = "stream"
+    bos_id: int = 1  # the BOS token id the "bos" packing (and the model's per-document attention) looks for
 
 
 @dataclass
@@ -266,6 +270,8 @@ def validate(cfg: RunConfig) -> None:
             raise DistillError(f"train.{name}: must be positive, got {getattr(t, name)}")
     if t.batch_tokens % t.seq_len:
         raise DistillError(f"train.batch_tokens: {t.batch_tokens} is not a multiple of seq_len {t.seq_len}")
+    if cfg.data.packing not in ("stream", "bos"):
+        raise DistillError(f"data.packing: must be stream or bos, got {cfg.data.packing!r}")
     if t.device not in ("auto", "cpu", "cuda"):
         raise DistillError(f"train.device: must be auto, cpu or cuda, got {t.device!r}")
     if not 0.0 <= k.alpha <= 1.0:

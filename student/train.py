@@ -167,9 +167,10 @@ class Trainer:
             "cache_dir": cfg.kd.teacher_cache or None, "tokenizer_path": cfg.data.tokenizer or None,
             "prefetch": cfg.data.prefetch, "pin_memory": cuda, "temperature": cfg.kd.temperature,
             "top_k": cfg.kd.top_k, "target_temperature": cfg.kd.target_temperature,
-            "workers": cfg.data.loader_workers or (2 if cuda else 1)}
+            "workers": cfg.data.loader_workers or (2 if cuda else 1), "packing": cfg.data.packing,
+            "bos_id": cfg.data.bos_id}
         self.loader = DistributedLoader(**self.loader_args, state=loader_state)
-        self.val_tokens, self.luts = self._load_val()
+        self.val_tokens, self.val_bytes, self.luts = self._load_val()
         if t.compile_warmup_steps > 0 and not resume:
             self._compile_warmup(t.compile_warmup_steps)
 
@@ -177,8 +178,8 @@ class Trainer:
     def _load_val(self):
         d = self.cfg.data
         if not d.val_shards:
-            return None, None
-        from distill.shards import load_tokens
+            return None, None, None
+        from distill.shards import load_val
         from distill.tokenizer import build_luts, load_tokenizer
 
         if not d.tokenizer:
@@ -187,7 +188,9 @@ class Trainer:
         if int(sp.vocab_size()) != self.cfg.model.vocab_size:
             raise DistillError(f"{d.tokenizer}: tokenizer vocab {int(sp.vocab_size())} != model.vocab_size "
                                f"{self.cfg.model.vocab_size}")
-        return load_tokens(d.val_shards, vocab_size=self.cfg.model.vocab_size), build_luts(sp, self.cfg.model.vocab_size)
+        # val_bytes: per-token ORIGINAL-text byte counts when the shards have sidecars (CaseOps), else None
+        tokens, byte_counts = load_val(d.val_shards, vocab_size=self.cfg.model.vocab_size)
+        return tokens, byte_counts, build_luts(sp, self.cfg.model.vocab_size)
 
     def _load_resume(self) -> dict:
         st = load_resume(self.out, "state")
@@ -399,9 +402,12 @@ class Trainer:
         lo, hi = (n_win * self.rank // self.world, n_win * (self.rank + 1) // self.world) if split else (0, n_win)
         if hi > lo and (split or self.main):
             toks = self.val_tokens[lo * L : hi * L + 1] if split else self.val_tokens
+            nb = self.val_bytes
+            if nb is not None and split:
+                nb = nb[lo * L : hi * L + 1]
             with self.autocast:
                 r = evaluate_bpb(model, toks, self.luts, L, stride=stride, batch_size=e.val_batch_size,
-                                 device=self.device, max_windows=None if split else n_win)
+                                 device=self.device, max_windows=None if split else n_win, byte_counts=nb)
             sums += torch.tensor([r["val_loss"] * r["tokens"], r["tokens"], r["bytes"]], dtype=torch.float64,
                                  device=self.device)
         if self.world > 1 and dist.is_initialized():
