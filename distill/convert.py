@@ -49,8 +49,7 @@ def _load_state(path: Path) -> dict:
     state = {}
     for k, v in obj.items():
         for pre in _WRAPPER_PREFIXES:
-            if k.startswith(pre):
-                k = k[len(pre):]
+            k = k.removeprefix(pre)
         state[k] = v
     return state
 
