@@ -30,6 +30,8 @@ COMMANDS = [
     ("cache", "distill.cache_cli", "inspect teacher caches"),
     ("train", "student.cli", "train a student (CE or KD against a teacher cache)"),
     ("pack", "distill.pack_cli", "quantize a float checkpoint into one budget-checked artifact"),
+    ("convert", "distill.convert",
+     "another code's saved weights -> a checkpoint directory (pg-record: the 1.0611 record's GPT)"),
     ("score", "distill.score", "val_bpb of a packed artifact or checkpoint (the challenge's metric)"),
     ("export", "distill.export",
      "a packed run -> a challenge submission folder (train_gpt.py, final_model.golf, submission.json, README.md)"),
