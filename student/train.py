@@ -126,7 +126,8 @@ class Trainer:
         if cuda and t.bf16 and t.bf16_embed:  # the baseline's .bfloat16() leaves only the embedding in bf16
             self.model.tok_emb.weight.data = self.model.tok_emb.weight.data.bfloat16()
         # depth recurrence: a model exposing `looping_active` trains without it until loop_enable_frac
-        self.looping = getattr(self.model, "looping_active", None) is not None
+        # (True after construction only when a loop is configured; the baseline has none)
+        self.looping = bool(getattr(self.model, "looping_active", False))
         if self.looping:
             self.model.looping_active = False
         self.optimizers = build_optimizers(self.model, cfg.optim, tied=cfg.model.tie_embeddings)
