@@ -1,6 +1,6 @@
 """`distill bench …` — measured comparisons. Each benchmark lives in its own module and registers a
 sub-subcommand: kd (distill/bench_kd.py), overhead (distill/bench_overhead.py), pack (distill/bench_pack.py), loader
-(distill/bench_loader.py), precompute (distill/bench_precompute.py)."""
+(distill/bench_loader.py), precompute (distill/bench_precompute.py), step (distill/bench_step.py)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ BENCH_MODULES = [
     "distill.bench_pack",
     "distill.bench_loader",      # distill bench loader (issue 11)
     "distill.bench_precompute",  # distill bench precompute (issue 11)
+    "distill.bench_step",        # distill bench step (issue 12)
 ]
 
 
