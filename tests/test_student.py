@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -207,3 +208,43 @@ def test_ema_and_late_qat(tiny_config, tmp_path):
     saved = load_checkpoint(out).state_dict()
     k = "blocks.0.attn.c_q.weight"
     assert not torch.allclose(live[k], saved[k])  # saved = EMA, not the live weights
+
+
+def test_baseline_config_equals_the_official_baseline():
+    """Our baseline against what the challenge's own train_gpt.py computed (tests/data/official_baseline.json,
+    written by scripts/golden_official_baseline.py from the official file): the full-size config has the official
+    parameter names, shapes and count; a small config loaded with the same seeded state gives the official loss
+    and gradients on the same seeded batch (float rounding only)."""
+    import json
+    import zlib
+
+    import torch.nn.functional as F
+
+    from student.config import load_config
+
+    golden = json.loads((Path(__file__).parent / "data" / "official_baseline.json").read_text())
+    full = GPT(load_config(Path(__file__).resolve().parents[1] / "configs" / "baseline_sp1024.toml").model)
+    assert [(n, list(t.shape)) for n, t in full.state_dict().items()] == [tuple(x) for x in
+                                                                          golden["full"]["names_shapes"]]
+    assert full.num_params() == golden["full"]["params"] == 17_059_912
+    sm = golden["small"]
+    model = GPT(ModelConfig(**sm["config"]))
+    state = {}
+    for name, shape in sm["names_shapes"]:
+        g = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+        state[name] = torch.randn(shape, generator=g, dtype=torch.float32) * 0.02
+    model.load_state_dict(state)
+    g = torch.Generator().manual_seed(1234)
+    v = sm["config"]["vocab_size"]
+    ids, tg = torch.randint(0, v, (2, 64), generator=g), torch.randint(0, v, (2, 64), generator=g)
+    loss = F.cross_entropy(model(ids).reshape(-1, v), tg.reshape(-1))
+    loss.backward()
+    assert abs(loss.item() - sm["loss"]) < 1e-6
+    for n, p in model.named_parameters():
+        flat = p.grad.double().reshape(-1)
+        picks = [flat[i * (flat.numel() - 1) // 3].item() for i in range(4)]
+        got = [flat.sum().item(), flat.square().sum().item(), *picks]
+        want = sm["grads"][n]
+        scale = max(abs(x) for x in want[2:] + [want[1] ** 0.5 / max(flat.numel(), 1) ** 0.5, 1e-12])
+        assert all(abs(a - b) <= 1e-5 * scale + 1e-7 * abs(b) for a, b in zip(got[2:], want[2:])), n
+        assert abs(got[1] - want[1]) <= 1e-5 * want[1] + 1e-20, n
