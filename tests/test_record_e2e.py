@@ -83,3 +83,25 @@ def test_record_recipe_trains_packs_and_scores_on_caseops(caseops, tmp_path, sam
         assert s["bytes_source"] == "sidecar" and s["bytes"] == side[1 : 1 + n].sum()
         assert 0.5 < s["val_bpb"] < 20
     assert abs(scores["artifact"]["val_bpb"] - scores["float"]["val_bpb"]) < 0.05  # int8 round trip
+
+
+def test_kd_into_the_record_student_with_bos_packing(caseops, tmp_path):
+    """Distillation into the record recipe: a same-tokenizer teacher (a record-shaped run of our own) scores the
+    CaseOps train shards, and the record student trains on CE + KD with BOS packing: every step has a KD term
+    and the loss is the α-mix of its CE and KL."""
+    data, tok = caseops
+    common = [*TINY, "--data.train_shards", str(data / "fineweb_train_*.bin"), "--data.val_shards", "",
+              "--data.tokenizer", str(tok)]
+    teacher = tmp_path / "teacher"
+    _run("-m", "student.train", "--config", "configs/record_sp8192.toml", *common, "--out", str(teacher))
+    cache = tmp_path / "cache"
+    _run("-m", "distill.cli", "teacher", "precompute", "--teacher", str(teacher), "--tokenizer", str(tok),
+         "--shards", str(data / "fineweb_train_*.bin"), "--k", "8", "--out", str(cache), "--no-progress",
+         "--format-version", "1")  # a 6-step teacher is near-uniform over 8,192 ids: format 2 would keep no entry
+    run = tmp_path / "kd"
+    _run("-m", "student.train", "--config", "configs/record_sp8192.toml", *common, "--out", str(run),
+         "--teacher-cache", str(cache), "--kd.alpha", "0.5")
+    steps = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines() if '"step_ms"' in ln]
+    assert len(steps) == 6
+    for r in steps:
+        assert 0 < r["kd"] and abs(r["loss"] - (0.5 * r["ce"] + 0.5 * r["kd"])) < 0.02 * r["loss"]
