@@ -233,7 +233,8 @@ def test_gptq_6bit_fit_under_half_byte_per_param(tmp_path, sp1024_path, sample20
 
     r6, kl6 = pack_kl(tmp_path / "g6.art", bits=6, max_bytes_per_param=0.5, fit=True)
     r4, kl4 = pack_kl(tmp_path / "g4.art", bits=4)
-    assert r6["params"] > 500_000 and r6["embedded_code_bytes"] < 0.01 * r6["model_bytes"]
+    # the embedded student/model.py (every record option, ~400 lines) compresses to ~7 KB: < 3 % of this small model
+    assert r6["params"] > 500_000 and r6["embedded_code_bytes"] < 0.03 * r6["model_bytes"]
     assert r6["model_bytes"] == (tmp_path / "g6.art").stat().st_size <= 0.5 * r6["params"]
     assert r6["rd_lambda"] > 0 and r6["bits"] == 6
     print(f"fit6 {r6['bytes_per_param']:.4f} B/param KL {kl6:.5f} | gptq4 {r4['bytes_per_param']:.4f} KL {kl4:.5f}")
