@@ -260,6 +260,10 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
 def validate(cfg: RunConfig) -> None:
     """Cross-field checks that would otherwise fail deep inside training."""
     m, t, k = cfg.model, cfg.train, cfg.kd
+    try:  # the model's own cross-field checks (record options vs the sizes), as one line
+        m.validate()
+    except ValueError as e:
+        raise DistillError(f"model: {e} (shrinking a config? override these too)") from None
     if m.model_dim % m.num_heads or m.num_heads % m.num_kv_heads:
         raise DistillError(f"model: model_dim ({m.model_dim}) % num_heads ({m.num_heads}) and num_heads % "
                            f"num_kv_heads ({m.num_kv_heads}) must be 0")
