@@ -26,15 +26,7 @@ import tempfile
 
 from distill.bench import print_result
 from distill.errors import DistillError
-
-
-class _PassThroughParser(argparse.ArgumentParser):
-    """Unknown `--key value` pairs become config overrides (the top-level CLI calls parse_args)."""
-
-    def parse_known_args(self, args=None, namespace=None):
-        ns, rest = super().parse_known_args(args, namespace)
-        ns.overrides = list(getattr(ns, "overrides", None) or []) + rest
-        return ns, []
+from student.cli import PassThroughParser
 
 
 def measure_overhead(config: str, teacher_cache: str, steps: int = 40, warmup: int = 5,
@@ -89,7 +81,7 @@ def add_subparser(bench_subparsers) -> None:
         "overhead", help="median step time of KD vs CE training on the same batches", allow_abbrev=False,
         description=__doc__.split("\n\n")[0],
         epilog="Any other --section.key value is a config override (e.g. --data.train_shards GLOB).")
-    p.__class__ = _PassThroughParser
+    p.__class__ = PassThroughParser
     p.add_argument("--config", required=True, help="student run config (TOML)")
     p.add_argument("--teacher-cache", required=True, help="teacher cache directory for the KD side")
     p.add_argument("--steps", type=int, default=40, help="measured steps per side (default 40)")

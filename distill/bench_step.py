@@ -25,8 +25,8 @@ import tempfile
 from pathlib import Path
 
 from distill.bench import print_result
-from distill.bench_overhead import _PassThroughParser
 from distill.errors import DistillError
+from student.cli import PassThroughParser
 
 SYNTH_TOKENS = 200_000
 MEAN_DOC_TOKENS = 1000
@@ -118,7 +118,7 @@ def add_subparser(bench_subparsers) -> None:
                                     description=__doc__.split("\n\n")[0], allow_abbrev=False,
                                     epilog="Any other --section.key value overrides every config (e.g. "
                                            "--model.num_layers 2 for a quick look).")
-    p.__class__ = _PassThroughParser
+    p.__class__ = PassThroughParser
     p.add_argument("--config", action="append", required=True, help="run config (TOML); repeat to compare")
     p.add_argument("--batch-tokens", type=int, default=8192, help="tokens per step for every config (default 8192)")
     p.add_argument("--seq-len", type=int, default=2048, help="sequence length for every config (default 2048)")

@@ -83,7 +83,22 @@ def build_parser(argv: list[str] | None = None, load_all: bool = False) -> argpa
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
+    process_entry = argv is None
+    rc = _main(sys.argv[1:] if argv is None else list(argv))
+    vllm_mod = sys.modules.get("teachers.backend_vllm")
+    if process_entry and vllm_mod is not None and getattr(vllm_mod, "ENGINE_STARTED", False):
+        # a vLLM engine ran in this process: everything is written (caches commit atomically before here);
+        # skip the interpreter teardown, where vLLM's engine threads can SIGABRT and turn success into rc -6
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        os._exit(rc)
+    return rc
+
+
+def _main(argv: list[str]) -> int:
     parser = build_parser(argv)
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 from distill.errors import DistillError
-from student.cli import _PassThroughParser
+from student.cli import PassThroughParser
 
 FORMATS = ("pg-record",)
 _WRAPPER_PREFIXES = ("_orig_mod.", "module.")  # torch.compile / DDP wrappers around the saved module
@@ -177,7 +177,7 @@ def add_parser(subparsers) -> None:
                     "GPT (its qo_bank/kv_bank/mlp_*_bank are split per layer; the other tensors keep their names).",
         epilog="Overrides: any config key as --section.key value (e.g. --model.rope_dims 16).",
     )
-    p.__class__ = _PassThroughParser  # unknown --section.key value pairs become config overrides
+    p.__class__ = PassThroughParser  # unknown --section.key value pairs become config overrides
     p.add_argument("--from", dest="src_format", required=True, choices=FORMATS, help="the saved model's code")
     p.add_argument("state", help="the saved state_dict (.pt), e.g. the record's final_model.pt")
     p.add_argument("--config", required=True,

@@ -13,7 +13,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import argparse
 
 
-class _PassThroughParser(argparse.ArgumentParser):
+class PassThroughParser(argparse.ArgumentParser):
     """Collects unknown `--key value` pairs into `overrides` instead of failing: the top-level CLI calls
     parse_args, which would otherwise reject them."""
 
@@ -40,7 +40,7 @@ def add_parser(subparsers) -> None:
         epilog="Overrides: any config key as --section.key value (e.g. --train.max_steps 3 "
                "--kd.alpha_schedule anneal); short forms --max-steps, --out, --seed, --teacher-cache, --kd-alpha.",
     )
-    p.__class__ = _PassThroughParser
+    p.__class__ = PassThroughParser
     p.add_argument("--config", help="TOML run config (e.g. configs/demo_student.toml)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its resume/ state")
     p.add_argument("--json", action="store_true", help="print a JSON summary as the last stdout line")

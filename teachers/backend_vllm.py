@@ -53,6 +53,15 @@ HARD_MAX_K = 1024  # same ceiling as the transformers backend: beyond it per-ent
 GPU_MEMORY_UTILIZATION = 0.8
 CPU_MEMORY_UTILIZATION = 0.3  # only when the caller asks for the utilisation-based KV cache on CPU
 CPU_KV_MIN_BYTES, CPU_KV_MAX_BYTES = 256 << 20, 4 << 30
+# set once an engine has been started in this process: vLLM's engine threads can abort the interpreter's own
+# teardown ("terminate called without an active exception", SIGABRT) after all our work is written, so the
+# console entry ends such a process with os._exit (distill.cli.main) once its output is flushed
+ENGINE_STARTED = False
+
+
+def _mark_engine_started() -> None:
+    global ENGINE_STARTED
+    ENGINE_STARTED = True
 
 
 def import_vllm():
@@ -239,11 +248,13 @@ class VLLMBackend:
         self.data_parallel_size = int(data_parallel_size)
         if self.data_parallel_size > 1:
             self._llm = None
+            _mark_engine_started()
             self._dp = DataParallelEngines(kwargs, self.data_parallel_size, self.flat_logprobs, on_cpu)
             info = self._dp.info
         else:
             self._dp = None
             try:
+                _mark_engine_started()
                 self._llm = LLM(**kwargs)
             except DistillError:
                 raise

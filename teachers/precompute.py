@@ -555,6 +555,11 @@ def run_precompute(cfg: PrecomputeConfig) -> dict:
         max_model_len = max(longest_doc_bytes(resolve_shards(cfg.shards), piece_len) + 1, 2)
     backend = make_backend(cfg.backend, spec, max_model_len=max_model_len, batch_tokens=cfg.batch_tokens,
                            max_k=cfg.k, device=cfg.device, dtype=cfg.dtype)
-    if cfg.k > backend.max_k:
-        raise DistillError(f"--k {cfg.k}: above the {backend.name} engine's limit ({backend.max_k})")
-    return Precompute(cfg, spec, backend).run()
+    try:
+        if cfg.k > backend.max_k:
+            raise DistillError(f"--k {cfg.k}: above the {backend.name} engine's limit ({backend.max_k})")
+        return Precompute(cfg, spec, backend).run()
+    finally:
+        close = getattr(backend, "close", None)
+        if close is not None:  # vLLM: stop the engine process(es) now, not in the interpreter's teardown
+            close()
