@@ -117,8 +117,9 @@ def run_bench_kd(teacher: str, train_docs: Path, val_docs: Path, workdir: Path, 
     cfg = Path(config) if config else REPO_CONFIGS / "demo_student.toml"
     if not cfg.is_file():
         raise DistillError(f"{cfg}: config not found")
+    # passes each run saw are reported for wall-clock budgets too (steps x batch tokens / train tokens)
     train_tokens = sum(int(sh["tokens"]) for sh in json.loads((workdir / "train" / "manifest.json").read_text())
-                       ["shards"]) if passes is not None else 0
+                       ["shards"])
     budget: list[str] = []
     if passes is not None:
         if not passes > 0:

@@ -449,7 +449,8 @@ def write_cache_from_arrays(out_dir: str | os.PathLike, shard_paths: Sequence[st
 
 
 def convert_cache(src: str | os.PathLike, dst: str | os.PathLike, format_version: int = FORMAT_VERSION,
-                  min_prob: float = DEFAULT_MIN_PROB, level: int = DEFAULT_ZSTD_LEVEL, progress: bool = True) -> dict:
+                  min_prob: float = DEFAULT_MIN_PROB, level: int = DEFAULT_ZSTD_LEVEL, progress: bool = True,
+                  levels: int = DEFAULT_LEVELS) -> dict:
     """Rewrite the complete cache `src` as `dst` in `format_version`, chunk by chunk (each written atomically;
     a rerun resumes, the manifest comes last). Targets are the source's as read back (dequantised), so
     converting format 1 -> 2 costs only format 2's own rounding; per-chunk stats (teacher NLL, alignment)
@@ -464,7 +465,7 @@ def convert_cache(src: str | os.PathLike, dst: str | os.PathLike, format_version
         raise DistillError(f"{dst}: already holds a complete cache (choose a new --out)")
     m = reader.manifest
     plan = {"source": str(reader.dir.resolve()), "source_format_version": reader.format_version,
-            "format_version": format_version, "min_prob": min_prob,
+            "format_version": format_version, "min_prob": min_prob, "levels": levels,
             "shards": [s["sha256"] for s in m["shards"]]}
     plan_path = out / "convert_plan.json"
     if plan_path.is_file() and json.loads(plan_path.read_text()) != plan:
@@ -478,7 +479,7 @@ def convert_cache(src: str | os.PathLike, dst: str | os.PathLike, format_version
         header, _ = read_chunk_header(p)
         ids, probs, _res, flags = decode_chunk(p)
         write_chunk(out, si, ci, ids, probs, flags, level=level, stats=header.get("stats", {}),
-                    format_version=format_version, min_prob=min_prob)
+                    format_version=format_version, min_prob=min_prob, levels=levels)
     meta = {key: v for key, v in m.items() if key not in ("format", "format_version", "k", "chunk_rows", "prob_bits",
                                                           "student_tokenizer_sha256", "shards", "stats")}
     meta["converted_from"] = {"format_version": reader.format_version, "dir": str(reader.dir)}

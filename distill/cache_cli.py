@@ -1,5 +1,5 @@
 """`distill cache info DIR [--json]`: size and sanity numbers of a teacher cache.
-`distill cache convert SRC --out DST [--format-version 2] [--min-prob P]`: rewrite a cache in another format
+`distill cache convert SRC --out DST [--format-version 2] [--min-prob P] [--levels L]`: rewrite a cache in another format
 (e.g. shrink a format-1 cache to format 2) without rerunning the teacher."""
 
 from __future__ import annotations
@@ -21,6 +21,9 @@ def add_parser(subparsers) -> None:
     conv.add_argument("--format-version", type=int, default=2, choices=[1, 2], help="format written (default 2)")
     conv.add_argument("--min-prob", type=float, default=None,
                       help="format 2: entries below this go to the residual bucket (default: the format's default)")
+    conv.add_argument("--levels", type=int, default=None,
+                      help="format 2: log-code levels in [2, 255] (default 127: <= 2.5 %% relative error per entry; "
+                           "255 halves it for ~+1 bit per entry)")
     conv.add_argument("--json", action="store_true", help="print the new cache's info as one JSON line")
     conv.set_defaults(func=_convert)
     p.set_defaults(func=lambda args: (p.print_help(), 1)[1])
@@ -50,10 +53,11 @@ def cache_info(cache_dir: str) -> dict:
 
 
 def _convert(args) -> int:
-    from distill.cache import DEFAULT_MIN_PROB, convert_cache
+    from distill.cache import DEFAULT_LEVELS, DEFAULT_MIN_PROB, convert_cache
 
     min_prob = DEFAULT_MIN_PROB if args.min_prob is None else args.min_prob
-    convert_cache(args.src, args.out, format_version=args.format_version, min_prob=min_prob)
+    levels = DEFAULT_LEVELS if args.levels is None else args.levels
+    convert_cache(args.src, args.out, format_version=args.format_version, min_prob=min_prob, levels=levels)
     info = cache_info(args.out)
     print(f"{args.out}: format {info['format_version']}, {info['bytes_per_token']:.2f} bytes/token "
           f"({info['bytes_on_disk']} bytes)", file=sys.stderr)

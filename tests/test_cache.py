@@ -188,3 +188,15 @@ def test_convert_v1_to_v2_keeps_targets_and_resumes(tmp_path, sp1024_path):
     assert np.array_equal(r2res, np.float32(1) - p2.sum(1, dtype=np.float32))
     with pytest.raises(DistillError, match="complete cache"):
         dc.convert_cache(v1, v2)
+    # --levels 255: the finer log code of the same rows (its table; relative error per entry halved)
+    v3 = tmp_path / "v3"
+    assert cli_main(["cache", "convert", str(v1), "--out", str(v3), "--levels", "255"]) == 0
+    want_ids, want_codes = dc.quantize_probs_v2(i1, p1, levels=255)
+    i3, p3, _ = dc.load_targets(v3, 0)
+    table = dc.dequantize_table(2, levels=255)
+    for i in range(0, 2500, 7):
+        want = {int(j): float(p) for j, p in zip(want_ids[i], table[want_codes[i]]) if p > 0}
+        assert {int(j): float(p) for j, p in zip(i3[i], p3[i]) if p > 0} == want
+    kept = p1 >= dc.DEFAULT_MIN_PROB
+    err = {n: float(np.abs(np.sort(np.where(kept, p1, 0), 1) - np.sort(q, 1)).sum(1).mean()) for n, q in ((127, p2), (255, p3))}
+    assert err[255] < 0.7 * err[127]

@@ -192,3 +192,31 @@ def test_no_import_cycle_in_the_package():
     cycles = find_cycles(graph)
     assert cycles == [], "import cycles: " + "; ".join(
         " <-> ".join(f"{m} (imports {sorted(graph[m] & set(c))})" for m in c) for c in cycles)
+
+
+HARD_EXIT_PROBE = r"""
+import atexit, sys, types
+# stand-in for teachers.backend_vllm after an engine ran (importing vLLM itself is not needed for this property)
+sys.modules["teachers.backend_vllm"] = types.SimpleNamespace(ENGINE_STARTED=bool(int(sys.argv[1])))
+atexit.register(lambda: print("TEARDOWN", flush=True))
+from distill.cli import main
+sys.argv = ["distill", "cache", "info", sys.argv[2]]
+in_process = main(["cache", "info", sys.argv[3]])  # an explicit argv (a caller in Python): never exits
+print("IN_PROCESS", in_process, flush=True)
+print("BUFFERED-LAST-LINE", end="")
+raise SystemExit(main())
+"""
+
+
+@pytest.mark.parametrize("engine_ran", [0, 1])
+def test_process_entry_skips_teardown_only_after_a_vllm_engine(engine_ran, tmp_path):
+    """After a vLLM engine ran, the console entry ends with os._exit (vLLM's teardown can SIGABRT a finished
+    run): same exit code, buffered output flushed, atexit handlers skipped; a Python caller is never exited."""
+    missing = str(tmp_path / "no_such_cache")
+    res = subprocess.run([sys.executable, "-c", HARD_EXIT_PROBE, str(engine_ran), missing, missing],
+                         capture_output=True, text=True, cwd=REPO, timeout=60, check=False)
+    assert res.returncode == 2, res.stderr[-500:]
+    assert "IN_PROCESS 2" in res.stdout
+    assert "BUFFERED-LAST-LINE" in res.stdout
+    assert ("TEARDOWN" in res.stdout) == (not engine_ran)
+    assert res.stderr.count("distill: error:") == 2

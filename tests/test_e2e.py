@@ -104,6 +104,9 @@ def test_bench_kd_end_to_end(demo, tmp_path):
     assert isinstance(r["noisy_seeds"], list) and all(ms > 0 for ms in r["ce_step_ms"] + r["kd_step_ms"])
     assert len(list((tmp_path / "w" / "runs").glob("*/bench_score.json"))) == 2  # scores memoized per run
     assert os.path.getsize(r["plot"]) > 1000
+    # wall-clock budgets report the passes their runs saw too
+    n_train = sum(sh["tokens"] for sh in json.loads((tmp_path / "w" / "train" / "manifest.json").read_text())["shards"])
+    assert r["ce_passes"] == [pytest.approx(r["ce_tokens"][0] / n_train)] and r["kd_passes"][0] > 0
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and json.loads(again.stdout.strip().splitlines()[-1])["kd_bpb"] == r["kd_bpb"]
     # --passes: a step budget from the training tokens, the same for CE and KD, recorded in the JSON
