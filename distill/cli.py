@@ -89,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     if process_entry and vllm_mod is not None and getattr(vllm_mod, "ENGINE_STARTED", False):
         # a vLLM engine ran in this process: everything is written (caches commit atomically before here);
         # skip the interpreter teardown, where vLLM's engine threads can SIGABRT and turn success into rc -6
+        vllm_mod.close_all()
         for stream in (sys.stdout, sys.stderr):
             try:
                 stream.flush()

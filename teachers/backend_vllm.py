@@ -41,6 +41,7 @@ from __future__ import annotations
 import atexit
 import json
 import os
+import weakref
 from typing import Any
 
 import numpy as np
@@ -57,11 +58,19 @@ CPU_KV_MIN_BYTES, CPU_KV_MAX_BYTES = 256 << 20, 4 << 30
 # teardown ("terminate called without an active exception", SIGABRT) after all our work is written, so the
 # console entry ends such a process with os._exit (distill.cli.main) once its output is flushed
 ENGINE_STARTED = False
+_LIVE: weakref.WeakSet = weakref.WeakSet()  # started backends not yet closed
 
 
 def _mark_engine_started() -> None:
     global ENGINE_STARTED
     ENGINE_STARTED = True
+
+
+def close_all() -> None:
+    """Stop every engine this process still holds (the console entry calls this before os._exit, so no engine
+    process outlives it whichever command forgot to close its backend)."""
+    for backend in list(_LIVE):
+        backend.close()
 
 
 def import_vllm():
@@ -261,6 +270,7 @@ class VLLMBackend:
             except Exception as e:  # engine start-up failures carry long tracebacks: keep one line
                 raise DistillError(f"--teacher {spec.model_id}: vLLM could not start ({_one_line(e)})") from None
             info = engine_info(self._llm)
+        _LIVE.add(self)
         self.vocab_size = info["vocab_size"]
         self.max_len = info["max_model_len"] - 1
         self.engine_max_k = min(HARD_MAX_K, self.vocab_size)

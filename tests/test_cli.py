@@ -197,7 +197,8 @@ def test_no_import_cycle_in_the_package():
 HARD_EXIT_PROBE = r"""
 import atexit, sys, types
 # stand-in for teachers.backend_vllm after an engine ran (importing vLLM itself is not needed for this property)
-sys.modules["teachers.backend_vllm"] = types.SimpleNamespace(ENGINE_STARTED=bool(int(sys.argv[1])))
+sys.modules["teachers.backend_vllm"] = types.SimpleNamespace(ENGINE_STARTED=bool(int(sys.argv[1])),
+                                                             close_all=lambda: print("ENGINES_CLOSED", flush=True))
 atexit.register(lambda: print("TEARDOWN", flush=True))
 from distill.cli import main
 sys.argv = ["distill", "cache", "info", sys.argv[2]]
@@ -219,4 +220,5 @@ def test_process_entry_skips_teardown_only_after_a_vllm_engine(engine_ran, tmp_p
     assert "IN_PROCESS 2" in res.stdout
     assert "BUFFERED-LAST-LINE" in res.stdout
     assert ("TEARDOWN" in res.stdout) == (not engine_ran)
+    assert ("ENGINES_CLOSED" in res.stdout) == bool(engine_ran)  # live engines are stopped before os._exit
     assert res.stderr.count("distill: error:") == 2
