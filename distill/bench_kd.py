@@ -18,6 +18,7 @@ Workdir layout (every stage is reused when its output exists, so a rerun resumes
 
 from __future__ import annotations
 
+import hashlib
 import json
 import statistics
 import sys
@@ -148,6 +149,9 @@ def run_bench_kd(teacher: str, train_docs: Path, val_docs: Path, workdir: Path, 
     if kd_temperature != 1.0:
         tt += f"_T{_num(kd_temperature)}"
     bud = f"_p{_num(passes)}_m{_num(minutes)}" if passes is not None else f"_m{_num(minutes)}"
+    # the student config's content names the runs too: a workdir reused after the config changed trains afresh
+    # instead of reusing runs of another recipe (runs named before this tag existed are never reused)
+    bud += "_c" + hashlib.sha256(cfg.read_bytes()).hexdigest()[:8]
     kd_tag = f"kd_a{_num(kd_alpha)}_k{kd_top_k or k}_{kd_schedule}{tt}{bud}{fsuf}"
     halves = None if sequential else split_cores(2)
     lay = "" if halves is None else "_sbs"  # side-by-side runs get their own dirs: half the cores each

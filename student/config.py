@@ -44,6 +44,9 @@ class TrainConfig:
     plot: bool = True
     ema: bool = False  # exponential moving average of the weights; saved weights = EMA when on
     ema_decay: float = 0.997
+    # EMA warm-up: step t uses decay min(ema_decay, (1 + t) / (10 + t)), so the average never carries the initial
+    # weights and spans ~t/9 steps early on (short runs average their own warm-down, not their first steps)
+    ema_warmup: bool = False
     qat: bool = False  # late QAT: fake-quantize 2-D block matrices in the last qat_frac of the budget
     qat_frac: float = 0.15
     qat_bits: int = 6

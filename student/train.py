@@ -256,6 +256,12 @@ class Trainer:
             scale *= min(1.0, (self.step + 1) / t.lr_warmup_steps)
         return max(scale, 0.0)
 
+    def ema_decay_now(self) -> float:
+        """The EMA decay of the update after step `self.step` (0-based): ema_decay, or with ema_warmup the smaller
+        (1 + t) / (10 + t) early on."""
+        t = self.cfg.train
+        return min(t.ema_decay, (1.0 + self.step) / (10.0 + self.step)) if t.ema_warmup else t.ema_decay
+
     def alpha(self) -> float:
         k = self.cfg.kd
         a, p = k.alpha, self.progress()
@@ -321,7 +327,7 @@ class Trainer:
             opt.zero_grad(set_to_none=True)
         if self.ema is not None:
             params = [p.detach().float() for p in self.model.parameters()]
-            torch._foreach_lerp_(self.ema, params, 1.0 - t.ema_decay)
+            torch._foreach_lerp_(self.ema, params, 1.0 - self.ema_decay_now())
         sums = (sums / t.grad_accum_steps).detach()
         if sync:
             sums = sums.cpu()  # waits for the device: step_ms is the real step time

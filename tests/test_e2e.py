@@ -6,10 +6,12 @@ Run: pytest -q tests/test_e2e.py
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -121,5 +123,7 @@ def test_bench_kd_end_to_end(demo, tmp_path):
     assert rp["ce_passes"] == rp["kd_passes"] == [pytest.approx(steps * 4096 / train_tokens)]
     assert rp["settings"]["passes"] == 0.5 and rp["settings"]["kd_select_frac"] == 0.5
     names = {p.name for p in (tmp_path / "w" / "runs").iterdir()}
-    assert names & {"ce_p0p5_m5_sbs_s0", "ce_p0p5_m5_s0"}  # budget in the run names: never mixed with 0.1-min runs
+    # budget and the student config's content in the run names: never mixed with 0.1-min runs or another config's
+    tag = "_c" + hashlib.sha256(Path(rp["settings"]["config"]).read_bytes()).hexdigest()[:8]
+    assert names & {f"ce_p0p5_m5{tag}_sbs_s0", f"ce_p0p5_m5{tag}_s0"}
     assert any(n.startswith("kd_") and "_sel0p5_p0p5_m5" in n for n in names)
