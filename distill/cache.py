@@ -208,15 +208,20 @@ def encode_chunk(ids: np.ndarray, probs: np.ndarray, flags: np.ndarray, *, bits:
     return CHUNK_MAGIC + struct.pack("<II", format_version, len(hb)) + hb + b"".join(frames)
 
 
+def _read_head(f) -> bytes:
+    """The magic, version, header length and header JSON of an open chunk file (at most 16 MiB of header)."""
+    head = f.read(12)
+    if len(head) == 12 and head[:4] == CHUNK_MAGIC:
+        hlen = struct.unpack("<I", head[8:12])[0]
+        head += f.read(min(hlen, 1 << 24))
+    return head
+
+
 def read_chunk_header(path: Path, data: bytes | None = None) -> tuple[dict, int]:
     """Validate a chunk's magic/version/header; return (header + "version", payload offset)."""
     if data is None:
         with open(path, "rb") as f:
-            head = f.read(12)
-            if len(head) == 12 and head[:4] == CHUNK_MAGIC:
-                hlen = struct.unpack("<I", head[8:12])[0]
-                head += f.read(min(hlen, 1 << 24))
-        data = head
+            data = _read_head(f)
     if len(data) < 12 or data[:4] != CHUNK_MAGIC:
         raise DistillError(f"{path}: not a cache chunk (bad magic)")
     version, hlen = struct.unpack("<II", data[4:12])
@@ -264,18 +269,42 @@ def _decompress(path: Path, comp: bytes, expected: int) -> bytes:
     return out
 
 
+def _frame_bound(raw: int) -> int:
+    """The most bytes a zstd frame of `raw` content bytes can take (zstd's compress bound, with slack)."""
+    return raw + (raw >> 8) + 1024
+
+
+def _read_exact(f, path: Path, pos: int, size: int) -> bytes:
+    f.seek(pos)
+    data = f.read(size)
+    if len(data) != size:
+        raise DistillError(f"{path}: chunk truncated ({len(data)} of {size} bytes at offset {pos})")
+    return data
+
+
 def decode_chunk_codes(path: Path, lo: int = 0, hi: int | None = None
                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Rows [lo, hi) of a chunk in compact form: (ids uint16 [n,k], codes uint8|uint16 [n,k], flags uint8 [n],
-    table float32) with probs = table[codes]. Only the data those rows need is decompressed."""
-    data = Path(path).read_bytes()
-    header, off = read_chunk_header(path, data)
+    table float32) with probs = table[codes]. Only the bytes those rows need are read (v2: the header and the
+    blocks overlapping the rows) and decompressed; no read exceeds what the header's row and entry counts
+    allow, so a hostile file cannot make the reader allocate more."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        return _decode_chunk_codes(f, path, lo, hi)
+
+
+def _decode_chunk_codes(f, path: Path, lo: int, hi: int | None
+                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    header, off = read_chunk_header(path, _read_head(f))
     rows, k = header["rows"], header["k"]
     hi = rows if hi is None else hi
     if not 0 <= lo <= hi <= rows:
         raise DistillError(f"{path}: rows [{lo}, {hi}) outside chunk ({rows} rows)")
     if header["version"] == 1:
-        comp = data[off:]
+        size = os.fstat(f.fileno()).st_size - off
+        if not 0 < size <= _frame_bound(rows + 4 * rows * k):
+            raise DistillError(f"{path}: corrupt chunk ({size} payload bytes for {rows} rows of k {k})")
+        comp = _read_exact(f, path, off, size)
         if sha256_bytes(comp) != header["sha256"]:
             raise DistillError(f"{path}: chunk checksum mismatch (corrupt file)")
         payload = _decompress(path, comp, rows + 4 * rows * k)
@@ -297,8 +326,10 @@ def decode_chunk_codes(path: Path, lo: int = 0, hi: int | None = None
         nb, ne, size = int(blk["rows"]), int(blk["entries"]), int(blk["bytes"])
         b1 = b0 + nb
         if b1 > lo and b0 < hi:
-            comp = data[pos:pos + size]
-            if len(comp) != size or sha256_bytes(comp) != blk["sha256"]:
+            if size > _frame_bound(2 * nb + 3 * ne):
+                raise DistillError(f"{path}: corrupt chunk (block of {size} bytes for {nb} rows, {ne} entries)")
+            comp = _read_exact(f, path, pos, size)
+            if sha256_bytes(comp) != blk["sha256"]:
                 raise DistillError(f"{path}: chunk checksum mismatch (corrupt file)")
             raw = np.frombuffer(_decompress(path, comp, 2 * nb + 3 * ne), dtype=np.uint8)
             counts = raw[nb:2 * nb].astype(np.int64)

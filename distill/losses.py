@@ -22,12 +22,16 @@ renormalising the top-k) keeps the target unbiased (Sparse Logit Sampling, ACL 2
 - Rows are processed in chunks of `chunk_rows`, so the float32 upcast of the logits is bounded to
   [chunk_rows, V] at a time (bf16 logits on GPU) — results equal the unchunked computation.
 
-Temperature τ on TRUNCATED targets (our choice, documented): the stored top-k mass (1 − r) is tempered
-within itself, q_j(τ) = (1 − r) · q_j^{1/τ} / Σ_i q_i^{1/τ}, and the residual bucket keeps its untempered mass
-r. Tempering the bucket as if it were one token (r^{1/τ}) would be wrong: the tempered mass of a tail
-depends on how the tail is spread, which the cache does not know. The student uses softmax(z/τ) with its
-own residual bucket, and the KL is multiplied by τ² (Hinton et al.) so gradient scale does not depend on τ.
-τ = 1 (the default) is exactly the plain k+1-bucket KL.
+Temperature τ on TRUNCATED targets (our choice, documented): the cache knows the teacher's mass on the
+stored set S (Q = 1 − r) and its split within S, but not how the tail r is spread, so τ acts only where both
+sides are known. The k+1-bucket KL splits exactly (chain rule) into the in/out split and the split within S:
+    KL = [Q log(Q/P) + r log(r/p_res)] + Q · KL(q̂ ‖ p̂),   q̂ = q/Q, p̂ = p_S/P within S, P = Σ_S p_S;
+with τ the first term stays at τ = 1 and the second is tempered on both sides, q̂^τ ∝ q̂^{1/τ}, p̂^τ ∝
+exp(z/τ) within S, and multiplied by τ² (Hinton et al., so gradient scale does not depend on τ). τ = 1 is
+exactly the plain k+1-bucket KL; with nothing truncated (r = 0, S = V) it is the textbook τ²·KL(q^τ ‖ p^τ).
+(The rule before 12-03 tempered the student's full softmax but kept the target's residual at its τ = 1 mass:
+at τ = 2 over 1,024 ids the student's tempered tail is large, the KL pushed it down to r, and the τ = 1 student
+came out over-confident — +0.236 bpb at 2 passes, docs/RESULTS.md.)
 """
 
 from __future__ import annotations
@@ -194,23 +198,29 @@ def _chunk_sums(logits: torch.Tensor, t: KDTargets, alpha: float) -> tuple[torch
         lse, zi, log_p_res = _student_buckets(z, t)
         g = zi - lse.unsqueeze(1)  # (n, k+1): log p_S(target), log p_S(stored ids)
         tau = t.temperature
-        if tau == 1.0:
-            logp = g[:, 1:]
-        else:
-            lse_t, zi_t, log_p_res = _student_buckets(z / tau, t)
-            logp = zi_t[:, 1:] - lse_t.unsqueeze(1)
-        tau2 = tau**2
         res = (t.r * log_p_res).sum()  # Σ r log p_res (rows without a target: r = 1, p_res = 1 -> 0)
-        ent = t.neg_entropy.sum()
-        qlogp = (logp * t.q).sum()
+        ent = t.neg_entropy.sum()  # Σ q log q + r log r
         if tau == 1.0:
             w = torch.cat(((1.0 - alpha * t.has).unsqueeze(1), alpha * t.q), dim=1)
             mixed = -(g * w).sum() + alpha * (ent - res)
+            with torch.no_grad():  # the reported parts: forward-only, nothing for backward to do
+                kl_sum = ent - (g[:, 1:] * t.q).sum() - res
         else:
-            mixed = -(g[:, 0] * (1.0 - alpha * t.has)).sum() + alpha * tau2 * (ent - qlogp - res)
-        with torch.no_grad():  # the reported parts: forward-only, nothing for backward to do
+            # in/out split at τ = 1, the split within S tempered (see top); t.q = Q·q̂^τ, prepared
+            present = t.mask > 0
+            zs = zi[:, 1:]
+            log_p_in = torch.logsumexp(torch.where(present, zs, _MASKED_LOGIT), dim=1) - lse  # log P
+            zt = zs / tau
+            log_hat = zt - torch.logsumexp(torch.where(present, zt, _MASKED_LOGIT), dim=1, keepdim=True)
+            big_q = t.q.sum(dim=1)
+            xq, xr = torch.xlogy(big_q, big_q).sum(), torch.xlogy(t.r, t.r).sum()
+            split = xq + xr - (big_q * log_p_in).sum() - res
+            within = (ent - xr) - xq - (t.q * log_hat).sum()
+            kl = split + tau**2 * within
+            mixed = -(g[:, 0] * (1.0 - alpha * t.has)).sum() + alpha * kl
+            kl_sum = kl.detach()
+        with torch.no_grad():
             ce_sum = -g[:, 0].sum()
-            kl_sum = tau2 * (ent - qlogp.detach() - res.detach())
     return mixed, ce_sum, kl_sum
 
 

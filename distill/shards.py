@@ -16,8 +16,8 @@ from __future__ import annotations
 import glob as _glob
 import os
 import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -39,10 +39,9 @@ def write_shard(path: str | os.PathLike, tokens: np.ndarray) -> None:
         raise DistillError(f"{path}: token ids must lie in [0, {MAX_VOCAB})")
     header = np.zeros(HEADER_INTS, dtype="<i4")
     header[0], header[1], header[2] = MAGIC, VERSION, tokens.size
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            f.write(header.tobytes())
-            f.write(tokens.astype("<u2", copy=False).tobytes())
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(header.tobytes())
+        f.write(tokens.astype("<u2", copy=False).tobytes())
 
 
 def read_header(path: str | os.PathLike) -> int:

@@ -11,9 +11,9 @@ For a target y after input x: bytes(y) = base_bytes[y] + (has_leading_space[y] a
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 

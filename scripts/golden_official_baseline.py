@@ -19,7 +19,6 @@ import zlib
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 SMALL = dict(vocab_size=97, num_layers=3, model_dim=64, num_heads=4, num_kv_heads=2)
 FULL = dict(vocab_size=1024, num_layers=9, model_dim=512, num_heads=8, num_kv_heads=4)

@@ -10,7 +10,6 @@ Gutenberg preamble is cut). Each book is split on blank lines into documents of 
 
 from __future__ import annotations
 
-import io
 import json
 import lzma
 import re

@@ -82,7 +82,7 @@ class ModelConfig:
     doc_max_len: int = 2048  # documents longer than this are cut into pieces for attention; 0 = never
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ModelConfig":
+    def from_dict(cls, d: dict) -> ModelConfig:
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
 

@@ -52,7 +52,7 @@ def test_bf16_body_with_fp32_head_is_close_to_fp32(llama_dir):
     r32, r16 = b32.score(seqs, 8), b16.score(seqs, 8)
     for a, b in zip(r32, r16):
         # bf16 body: ~0.4% relative error per activation, so a log-prob's error scales with its size
-        tol = lambda x: 0.01 * np.abs(x) + 0.02  # noqa: E731
+        tol = lambda x: 0.01 * np.abs(x) + 0.02
         assert (np.abs(a.actual_logprob - b.actual_logprob) <= tol(a.actual_logprob)).all()
         assert (np.abs(a.topk_logprobs[:, 0] - b.topk_logprobs[:, 0]) <= tol(a.topk_logprobs[:, 0])).all()
         assert (a.topk_ids[:, 0] == b.topk_ids[:, 0]).mean() > 0.9

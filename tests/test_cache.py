@@ -200,3 +200,37 @@ def test_convert_v1_to_v2_keeps_targets_and_resumes(tmp_path, sp1024_path):
     kept = p1 >= dc.DEFAULT_MIN_PROB
     err = {n: float(np.abs(np.sort(np.where(kept, p1, 0), 1) - np.sort(q, 1)).sum(1).mean()) for n, q in ((127, p2), (255, p3))}
     assert err[255] < 0.7 * err[127]
+
+
+def test_v2_span_reads_only_its_blocks_and_bounds_hostile_sizes(tmp_path, sp1024_path):
+    """A v2 span read seeks to the blocks it overlaps: damage in another block of the same chunk goes
+    unnoticed by it (the bytes are never read) and is a one-line error for a span that touches it; a
+    truncated file and a header declaring an oversized block are one-line errors before any large read."""
+    rng = np.random.default_rng(1)
+    n = 3000
+    p = tmp_path / "fineweb_val_000000.bin"
+    write_shard(p, rng.integers(0, VOCAB, n))
+    ids, probs, _ = _targets(rng, n, 16)
+    rows = 1024  # one chunk of 1024 rows in 4 blocks of 256
+    chunk = dc.chunk_path(tmp_path / "c", 0, 0)
+    chunk.parent.mkdir(parents=True)
+    chunk.write_bytes(dc.encode_chunk(ids[:rows], probs[:rows], np.ones(rows, np.uint8), block_rows=256))
+    want = dc.decode_chunk(chunk)
+    header, off = dc.read_chunk_header(chunk)
+    sizes = [b["bytes"] for b in header["blocks"]]
+    data = bytearray(chunk.read_bytes())
+    data[off + sizes[0] + sizes[1] + 7] ^= 0xFF  # inside block 2 (rows 512..767)
+    chunk.write_bytes(bytes(data))
+    got = dc.decode_chunk(chunk, 0, 512)
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(g, w[:512])
+    with pytest.raises(DistillError, match="checksum"):
+        dc.decode_chunk(chunk, 500, 600)
+    chunk.write_bytes(bytes(data[:off + sizes[0] + 10]))  # truncated inside block 1
+    with pytest.raises(DistillError, match="truncated"):
+        dc.decode_chunk(chunk, 300, 310)
+    header["blocks"][0]["bytes"] = 1 << 40  # hostile: a block far larger than its rows could need
+    hb = json.dumps(header, sort_keys=True).encode()
+    chunk.write_bytes(dc.CHUNK_MAGIC + dc.struct.pack("<II", 2, len(hb)) + hb + bytes(data[off:]))
+    with pytest.raises(DistillError, match="corrupt chunk"):
+        dc.decode_chunk(chunk, 0, 10)

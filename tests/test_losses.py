@@ -24,21 +24,28 @@ def _teacher(gen: torch.Generator, n: int = N, v: int = V, k: int = K):
 
 
 def _reference(logits, targets, ids, probs, residual, alpha, temperature=1.0):
-    """Float64, dense: buckets built with a one-hot [N,k,V] membership tensor (no gather tricks)."""
+    """Float64, dense: buckets built with a one-hot [N,k,V] membership tensor (no gather tricks).
+    τ != 1: the in/out split of the stored set S at τ = 1, the split within S tempered on both sides, × τ²."""
     z = logits.double()
     q, r = probs.double(), residual.double()
     ce = -torch.log_softmax(z, -1).gather(1, targets[:, None]).squeeze(1)
     member = F.one_hot(ids, z.shape[1]).double() * (q > 0)[..., None]  # (N, k, V)
-    ps = torch.softmax(z / temperature, -1)
+    ps = torch.softmax(z, -1)
     p_top = (member * ps[:, None, :]).sum(-1)  # (N, k)
     outside = member.sum(1) == 0  # (N, V): ids not among the row's present stored ids
     p_res = (ps * outside).sum(-1).clamp_min(1e-300)  # the mass outside, summed (no 1 − Σ cancellation)
-    if temperature != 1.0:
-        qt = torch.where(q > 0, q, torch.ones_like(q)) ** (1 / temperature) * (q > 0)
-        q = qt / qt.sum(-1, keepdim=True).clamp_min(1e-30) * q.sum(-1, keepdim=True)
     safe = lambda a: torch.where(a > 0, a, torch.ones_like(a))
-    kl = (q * (safe(q).log() - safe(p_top).log())).sum(-1) + r * (safe(r).log() - p_res.log())
-    kl = kl * temperature**2
+    if temperature == 1.0:
+        kl = (q * (safe(q).log() - safe(p_top).log())).sum(-1) + r * (safe(r).log() - p_res.log())
+    else:
+        big_q, big_p = q.sum(-1), p_top.sum(-1)
+        split = big_q * (safe(big_q).log() - safe(big_p).log()) + r * (safe(r).log() - p_res.log())
+        q_hat = torch.where(q > 0, q, torch.ones_like(q)) ** (1 / temperature) * (q > 0)
+        q_hat = q_hat / q_hat.sum(-1, keepdim=True).clamp_min(1e-300)
+        pt = (member * torch.softmax(z / temperature, -1)[:, None, :]).sum(-1)
+        p_hat = pt / pt.sum(-1, keepdim=True).clamp_min(1e-300)
+        within = (q_hat * (safe(q_hat).log() - safe(p_hat).log())).sum(-1)
+        kl = split + temperature**2 * big_q * within
     has = (probs > 0).any(-1).double()
     loss = ((ce * (1 - alpha * has)) + alpha * kl * has).mean()
     kd = (kl * has).sum() / has.sum().clamp_min(1.0)
@@ -105,6 +112,26 @@ def test_full_distribution_temperature_equals_dense_tempered_kl(gen):
     qt = torch.softmax(teacher_logits / tau, -1)
     dense = (qt * (qt.log() - torch.log_softmax(z.double() / tau, -1))).sum(-1).mean() * tau**2
     assert abs(kd.item() - dense.item()) < 1e-4
+
+
+@pytest.mark.parametrize("tau", [0.5, 2.0, 4.0])
+def test_temperature_keeps_a_student_that_matches_the_cache_at_zero_kl(gen, tau):
+    """A student whose stored-id probabilities equal the cache's q and whose other ids share the residual r
+    matches the teacher on everything the cache knows: its KD term is 0 at any τ (the pre-12-03 rule, which
+    tempered the student's tail against an untempered r, gave it a large KL at τ = 2 and trained over-confident
+    students)."""
+    ids, probs, residual, _ = _teacher(gen)
+    z = torch.empty(N, V, dtype=torch.float64)
+    for i in range(N):
+        z[i] = math.log(residual[i].item() / (V - K))
+        z[i, ids[i]] = probs[i].double().log()
+    targets = torch.randint(0, V, (N,), generator=gen)
+    _, _, kd = kd_loss(z.float(), targets, ids, probs, residual, alpha=1.0, temperature=tau)
+    assert abs(kd.item()) < 2e-5 * tau**2
+    z2 = z.clone()
+    z2[torch.arange(N), ids[:, 0]] += 0.5  # move mass within S: the KL is positive
+    _, _, kd2 = kd_loss(z2.float(), targets, ids, probs, residual, alpha=1.0, temperature=tau)
+    assert kd2.item() > 1e-4
 
 
 def test_chunked_equals_unchunked(gen):
