@@ -93,6 +93,7 @@ class DataConfig:
 class KDConfig:
     teacher_cache: str = ""  # empty = plain CE training
     alpha: float = 0.5
+    # both sides, on the split within the stored ids only (x T^2; the stored-vs-residual split stays at 1)
     temperature: float = 1.0
     # teacher-side smoothing: the stored top-k mass is tempered by this within itself (student untempered).
     # > 1 flattens the target toward what a far smaller student can fit (the capacity gap); 1 = off.
