@@ -205,11 +205,19 @@ def run_bench_kd(teacher: str, train_docs: Path, val_docs: Path, workdir: Path, 
     # a shared machine slows single runs: equal wall-clock then compares unequal compute. Flag pairs whose
     # median step times differ by more than NOISE_RATIO beyond the KD step overhead (~1.0x, bench overhead)
     noisy = [ce["seed"] for ce, kd in zip(results["ce"], results["kd"])
-             if ce["step_ms_median"] and kd["step_ms_median"]
+             if passes is None and ce["step_ms_median"] and kd["step_ms_median"]
              and not 1 / NOISE_RATIO <= kd["step_ms_median"] / ce["step_ms_median"] <= NOISE_RATIO]
     if noisy:
         print(f"bench kd: warning: seeds {noisy}: KD and CE median step times differ by more than "
               f"{NOISE_RATIO - 1:.0%} (a loaded machine?): their equal-wall-clock comparison is unequal compute",
+              file=sys.stderr)
+    # --passes: a run the wall-clock cap stopped before its step budget saw fewer tokens (and placed its LR
+    # warm-down by time): that pair is not an equal-token comparison
+    capped = [] if passes is None else [
+        ce["seed"] for ce, kd in zip(results["ce"], results["kd"]) if min(ce["steps"], kd["steps"]) < max_steps]
+    if capped:
+        print(f"bench kd: warning: seeds {capped}: a run stopped at the {minutes:g}-minute cap before its "
+              f"{max_steps} steps (a loaded machine?): not an equal-token comparison; rerun with a larger --minutes",
               file=sys.stderr)
     plot_path = workdir / "kd_vs_ce.png"
     _plot(results, plot_path, info)
@@ -226,6 +234,7 @@ def run_bench_kd(teacher: str, train_docs: Path, val_docs: Path, workdir: Path, 
         "equal_tokens": eq_tokens,
         "ce_step_ms": [r["step_ms_median"] for r in results["ce"]],
         "kd_step_ms": [r["step_ms_median"] for r in results["kd"]], "noisy_seeds": noisy,
+        "capped_seeds": capped,
         "teacher_bpb": info.get("teacher_bpb", info.get("projected_teacher_bpb")),
         "projected_teacher_bpb": info.get("projected_teacher_bpb"),
         "aligned_fraction": info.get("aligned_fraction"),

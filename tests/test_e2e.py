@@ -122,6 +122,14 @@ def test_bench_kd_end_to_end(demo, tmp_path):
     assert rp["ce_steps"] == rp["kd_steps"] == [steps]
     assert rp["ce_passes"] == rp["kd_passes"] == [pytest.approx(steps * 4096 / train_tokens)]
     assert rp["settings"]["passes"] == 0.5 and rp["settings"]["kd_select_frac"] == 0.5
+    assert rp["capped_seeds"] == [] and rp["noisy_seeds"] == []  # step budgets: no wall-clock noise to flag
+    # a cap that stops the runs before their P passes: flagged, never passed off as an equal-token comparison
+    capped = subprocess.run(cmd + ["--passes", "50", "--minutes", "0.05"], capture_output=True, text=True,
+                            timeout=600)
+    assert capped.returncode == 0, capped.stderr[-3000:]
+    rc = json.loads(capped.stdout.strip().splitlines()[-1])
+    assert rc["capped_seeds"] == [0] and min(rc["ce_steps"] + rc["kd_steps"]) < round(50 * train_tokens / 4096)
+    assert "not an equal-token comparison" in capped.stderr
     names = {p.name for p in (tmp_path / "w" / "runs").iterdir()}
     # budget and the student config's content in the run names: never mixed with 0.1-min runs or another config's
     tag = "_c" + hashlib.sha256(Path(rp["settings"]["config"]).read_bytes()).hexdigest()[:8]
