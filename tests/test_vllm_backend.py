@@ -18,6 +18,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -83,6 +84,19 @@ def tv_rows(a_ids, a_lp, b_ids, b_lp) -> np.ndarray:
         db = dict(zip(b_ids[r].tolist(), pb[r].tolist()))
         tv[r] = 0.5 * sum(abs(da.get(i, 0.0) - db.get(i, 0.0)) for i in set(da) | set(db))
     return tv
+
+
+def _engine_pids() -> set[int]:
+    """Live processes titled VLLM::EngineCore (vLLM V1's engine-core processes), from /proc."""
+    pids = set()
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if (d / "cmdline").read_bytes().startswith(b"VLLM::EngineCore"):
+                    pids.add(int(d.name))
+            except OSError:
+                pass
+    return pids
 
 
 # ----------------------------------------------------------------------------- fixtures
@@ -313,9 +327,15 @@ def test_data_parallel_engines_match_one_engine(spec, vllm_backend, seqs):
 
     part = [s[:300] for s in seqs[:3]] + [s[:40] for s in seqs[:2]]
     one = vllm_backend.score(part, K_SMALL)
+    before = _engine_pids()
     with VLLMBackend(spec, max_model_len=1024, max_k=K_SMALL, data_parallel_size=2) as dp:
         assert dp.max_len == vllm_backend.max_len and dp.vocab_size == vllm_backend.vocab_size
         two = dp.score(part, K_SMALL)
+    # closing stops the workers' engine-core processes too (they used to outlive the workers as orphans)
+    deadline = time.monotonic() + 30
+    while _engine_pids() - before and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not _engine_pids() - before
     assert [t.topk_ids.shape for t in two] == [(len(s) - 1, K_SMALL) for s in part]
     for a, b in zip(one, two):
         assert np.array_equal(a.topk_ids, b.topk_ids)
