@@ -345,8 +345,8 @@ def add_subparser(sub) -> None:
     p.add_argument("--kd-select-frac", type=float, default=1.0,
                    help="KD only on this fraction of each batch's rows, those of highest teacher entropy (default 1)")
     p.add_argument("--kd-temperature", type=float, default=1.0,
-                   help="temperature on both sides of the split within the stored ids (x T^2; the stored-vs-rest split stays at "
-                        "T = 1: distill/losses.py; default 1)")
+                   help="temperature on both sides of the split within the stored ids (x T^2; the "
+                        "stored-vs-rest split stays at T = 1: distill/losses.py; default 1)")
     p.add_argument("--passes", type=float, default=None,
                    help="budget each run by P passes over the training tokens (steps = P x train tokens / batch "
                         "tokens; LR warm-down and alpha schedule placed by it; --minutes stays a cap) instead of "
