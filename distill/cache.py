@@ -290,11 +290,12 @@ def decode_chunk_codes(path: Path, lo: int = 0, hi: int | None = None
     allow, so a hostile file cannot make the reader allocate more."""
     path = Path(path)
     with open(path, "rb") as f:
-        return _decode_chunk_codes(f, path, lo, hi)
+        return _decode_open_chunk(f, path, lo, hi)
 
 
-def _decode_chunk_codes(f, path: Path, lo: int, hi: int | None
-                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def _decode_open_chunk(f, path: Path, lo: int, hi: int | None
+                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """decode_chunk_codes on an open file (the file stays open for the seeks into its blocks)."""
     header, off = read_chunk_header(path, _read_head(f))
     rows, k = header["rows"], header["k"]
     hi = rows if hi is None else hi
