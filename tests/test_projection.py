@@ -93,6 +93,36 @@ def test_inside_teacher_token_conditions_on_prefix(sv):
     assert probs[0].max() == pytest.approx(0.6 / 0.8, abs=1e-6) and ids[0][probs[0].argmax()] == st
 
 
+def test_inside_rows_keep_candidates_segmented_like_the_text(sv):
+    # teacher: one token " still"; student: "▁st" "ill". At the row after "▁st", " start" spells "st..." too,
+    # but the student would have read it as one piece "▁start": it is not a continuation of "▁st"
+    tb = [b"", b" still", b" start", b" stop", b" the"]
+    doc = _doc([0, 1], [{1: 0.3, 2: 0.4, 3: 0.2, 4: 0.1}])
+    sids = np.array([1, _pid(sv, "\u2581st"), _pid(sv, "ill")])
+    assert sv.first_piece(b" start") == _pid(sv, "\u2581start") and sv.first_piece(b" stop") == _pid(sv, "\u2581st")
+    ids, probs, flags = project_document(sids, doc, tb, sv, range(2), 4)
+    row1 = {int(i): float(p) for i, p in zip(ids[1], probs[1]) if p > 0}
+    assert list(flags) == [1, 2]
+    assert row1 == pytest.approx({_pid(sv, "ill"): 0.3 / 0.5, _pid(sv, "op"): 0.2 / 0.5}, abs=1e-6)
+    # the aligned row puts " still" and " stop" on "▁st" and " start" on "▁start", the same split
+    row0 = {int(i): float(p) for i, p in zip(ids[0], probs[0]) if p > 0}
+    assert row0 == pytest.approx({_pid(sv, "\u2581st"): 0.5, _pid(sv, "\u2581start"): 0.4,
+                                  _pid(sv, "\u2581the"): 0.1}, abs=1e-6)
+    # bytes alone (the rule before projection version 3) would also keep " start" -> "art"
+    import teachers.projection as proj
+
+    proj.SEGMENT_CONSISTENT = False
+    try:
+        ids, probs, _ = project_document(sids, doc, tb, sv, range(1, 2), 4)
+    finally:
+        proj.SEGMENT_CONSISTENT = True
+    old = {int(i): float(p) for i, p in zip(ids[0], probs[0]) if p > 0}
+    assert old == pytest.approx({_pid(sv, "ill"): 0.3 / 0.9, _pid(sv, "art"): 0.4 / 0.9, _pid(sv, "op"): 0.2 / 0.9},
+                                abs=1e-6)
+    ref = _reference(sv.sp, sids, doc, tb, [1], 4, segmented=False)
+    assert {int(i): float(p) for i, p in zip(ref[0][0], ref[1][0]) if p > 0} == pytest.approx(old, abs=1e-12)
+
+
 def test_windows_cover_every_row_once_with_context():
     for n, L in ((5, 8), (8, 8), (9, 8), (100, 8), (100, 3), (1000, 64), (257, 128)):
         seen = np.zeros(n - 1, int)
@@ -135,9 +165,11 @@ def _ref_first(sp, byte_id, s: bytes) -> int:
     return ids[1] if len(ids) >= 3 and ids[0] == sp.piece_to_id("0") else byte_id[s[0]]
 
 
-def _reference(sp, sids, doc, tb, rows, k_s, renorm_equal=True, max_chain=3):
+def _reference(sp, sids, doc, tb, rows, k_s, renorm_equal=True, max_chain=3, segmented=True):
     """The projection written from kd-method.md, row by row: a list of (student id, mass) contributions in
-    definition order, summed in that order; top-k_s by (-mass, id); padded with the smallest unused ids."""
+    definition order, summed in that order; top-k_s by (-mass, id); padded with the smallest unused ids.
+    segmented: a candidate other than the actual token must start a student piece where the student's own
+    pieces inside that teacher token start, with the same piece."""
     pb, byte_id = _ref_tables(sp)
     first = lambda s: _ref_first(sp, byte_id, s)
     text = b"".join(pb[t] for t in sids[1:])
@@ -177,8 +209,17 @@ def _reference(sp, sids, doc, tb, rows, k_s, renorm_equal=True, max_chain=3):
         u = text[tstart[j - 1]:b]
         ids, ps = cands(j)
         contrib, z = [], 0.0
+        # the student's pieces that start inside teacher token j before b: (offset in the token, piece)
+        own, at = [], 0
+        for t in sids[1:i + 1]:
+            if at >= tstart[j - 1]:
+                own.append((at - tstart[j - 1], int(t)))
+            at += len(pb[t])
         for c, p in zip(ids, ps):
             if not tb[c].startswith(u) or (len(tb[c]) == len(u) and renorm_equal):
+                continue
+            if segmented and len(tb[c]) > len(u) and c != doc.tokens[j] and any(
+                    first(tb[c][off:]) != q for off, q in own):
                 continue
             z += p
             if len(tb[c]) == len(u):
