@@ -13,7 +13,7 @@ Same tokenizer: the identity (ids map 1:1). Foreign tokenizer, per document:
      a renormalised top-k is a biased target; it would give a ratio of 0.997, below the teacher's own).
      Consistent also means: segmented like the text (SEGMENT_CONSISTENT). The student row reads u as the
      pieces it already emitted inside this teacher token (e.g. "▁st"); a candidate whose own first student
-     piece at one of those piece starts differs (" state" -> "▁state", not "▁st" "ate") cannot be the
+     piece at one of those piece starts differs (" start" -> "▁start", not "▁st" "art") cannot be the
      continuation the student is in, so it is left out; the actual token always stays. Bytes alone kept
      such candidates: with a deeper teacher top-k they flattened these rows with continuations the student
      can no longer produce (k=128: projected bpb 1.168 -> 1.282 on the val head, KD gain at 2 passes
