@@ -9,9 +9,10 @@ Workdir layout (every stage is reused when its output exists, so a rerun resumes
   tokenizer.model            student tokenizer (challenge spec; or --tokenizer)
   train/ val/                challenge-format shards of --train-docs / --val-docs (val docs never trained on)
   cache_f2/ cache_val_f2/    teacher targets (cache format 2, the default) on the train shards (KD) and on
-                             the val shards (teacher bpb); cache/ cache_val/ with --cache-format 1
+                             the val shards (teacher bpb); cache/ cache_val/ with --cache-format 1; a teacher
+                             top-k other than 16 or stored ids k_s other than k add _k{k}[s{k_s}] (cache_f2_k128s16)
   runs/ce_m{M}[_sbs]_s{seed}/   CE student checkpoints + metrics.jsonl (reused by every KD setting)
-  runs/kd_a{α}_k{k_s}_{schedule}[_tt{τ_t}]_m{M}[_f2][_sbs]_s{seed}/   KD students, one directory per setting (a sweep
+  runs/kd_a{α}_k{k_s}[_t{k}]_{schedule}[_tt{τ_t}]_m{M}[_f2][_sbs]_s{seed}/   KD students, one directory per setting (a sweep
                              shares the workdir and its CE runs)
   kd_vs_ce.png, result.json  the latest invocation; result_{kd tag}.json keeps each setting's result
 """
@@ -70,7 +71,7 @@ def _bpb_at_tokens(rows: list[dict], tokens: float) -> float | None:
 
 
 def run_bench_kd(teacher: str, train_docs: Path, val_docs: Path, workdir: Path, tokenizer: Path | None = None,
-                 minutes: float = DEFAULT_MINUTES, seeds: int = 3, k: int = 16,
+                 minutes: float = DEFAULT_MINUTES, seeds: int = 3, k: int = 16, k_student: int | None = None,
                  kd_alpha: float = DEFAULT_ALPHA, kd_top_k: int = DEFAULT_TOP_K,
                  kd_schedule: str = DEFAULT_SCHEDULE, kd_target_temperature: float = DEFAULT_TARGET_TEMPERATURE,
                  config: Path | None = None, backend: str = "hf",
@@ -81,6 +82,9 @@ def run_bench_kd(teacher: str, train_docs: Path, val_docs: Path, workdir: Path, 
     """CE vs KD students, `seeds` pairs. Budget: `minutes` of training per run, or with `passes` P the steps
     that make P passes over the training tokens (the LR warm-down and α schedule placed by that step budget;
     `minutes` stays a cap), so CE and KD see the same tokens whatever their step times."""
+    ks = k if k_student is None else k_student
+    if not 0 < ks <= k:
+        raise DistillError(f"--k-student {ks}: expected 1..--k ({k})")
     workdir.mkdir(parents=True, exist_ok=True)
     logs = workdir / "logs"
     for p in (train_docs, val_docs):
@@ -103,13 +107,17 @@ def run_bench_kd(teacher: str, train_docs: Path, val_docs: Path, workdir: Path, 
         raise DistillError(f"--cache-format {cache_format}: expected 1 or 2")
     # format 1 keeps the names of workdirs made before format 2 existed (their caches are format 1)
     fsuf = "" if cache_format == 1 else f"_f{cache_format}"
-    cache_dir, cache_val = workdir / f"cache{fsuf}", workdir / f"cache_val{fsuf}"
+    # teacher top-k k and stored ids k_s name the cache dirs, so one workdir holds several (k = k_s = 16 keeps
+    # the plain names of workdirs made before --k-student); an existing cache is checked against them
+    ksuf = "" if k == ks == 16 else f"_k{k}" + (f"s{ks}" if ks != k else "")
+    cache_dir, cache_val = workdir / f"cache{fsuf}{ksuf}", workdir / f"cache_val{fsuf}{ksuf}"
     for cdir, glob in ((cache_dir, train_glob), (cache_val, val_glob)):
         if not (cdir / "manifest.json").exists():
             run_stage(f"precompute-{cdir.name}", distill_cmd(
                 "teacher", "precompute", "--teacher", teacher, "--backend", backend, "--tokenizer", str(tok),
-                "--shards", glob, "--k", str(k), "--format-version", str(cache_format), "--out", str(cdir), *mml),
-                logs / f"{cdir.name}.log")
+                "--shards", glob, "--k", str(k), "--k-student", str(ks), "--format-version", str(cache_format),
+                "--out", str(cdir), *mml), logs / f"{cdir.name}.log")
+        _check_cache(cdir, k, ks)
     info = run_stage("cache-info", distill_cmd("cache", "info", str(cache_val), "--json"),
                      logs / "cache_info.log", json_last=True, echo=False)
     train_info = run_stage("cache-info-train", distill_cmd("cache", "info", str(cache_dir), "--json"),
@@ -152,7 +160,8 @@ def run_bench_kd(teacher: str, train_docs: Path, val_docs: Path, workdir: Path, 
     # the student config's content names the runs too: a workdir reused after the config changed trains afresh
     # instead of reusing runs of another recipe (runs named before this tag existed are never reused)
     bud += "_c" + hashlib.sha256(cfg.read_bytes()).hexdigest()[:8]
-    kd_tag = f"kd_a{_num(kd_alpha)}_k{kd_top_k or k}_{kd_schedule}{tt}{bud}{fsuf}"
+    # a teacher top-k deeper than the stored ids is named (_t{k}); k = k_s keeps the names it always had
+    kd_tag = f"kd_a{_num(kd_alpha)}_k{kd_top_k or ks}{'' if k == ks else f'_t{k}'}_{kd_schedule}{tt}{bud}{fsuf}"
     halves = None if sequential else split_cores(2)
     lay = "" if halves is None else "_sbs"  # side-by-side runs get their own dirs: half the cores each
     kd_tag += lay
@@ -239,8 +248,8 @@ def run_bench_kd(teacher: str, train_docs: Path, val_docs: Path, workdir: Path, 
         "projected_teacher_bpb": info.get("projected_teacher_bpb"),
         "aligned_fraction": info.get("aligned_fraction"),
         "cache_format": cache_format, "cache_bytes_per_token": train_info.get("bytes_per_token"),
-        "settings": {"teacher": teacher, "backend": backend, "k": k, "kd_alpha": kd_alpha,
-                     "kd_top_k": kd_top_k or k, "kd_schedule": kd_schedule,
+        "settings": {"teacher": teacher, "backend": backend, "k": k, "k_student": ks, "kd_alpha": kd_alpha,
+                     "kd_top_k": kd_top_k or ks, "teacher_cache": str(cache_dir), "kd_schedule": kd_schedule,
                      "kd_target_temperature": kd_target_temperature, "kd_alpha_final": kd_alpha_final,
                      "kd_anneal_frac": kd_anneal_frac, "kd_anneal_end": kd_anneal_end,
                      "kd_select_frac": kd_select_frac, "kd_temperature": kd_temperature, "passes": passes,
@@ -255,6 +264,27 @@ def run_bench_kd(teacher: str, train_docs: Path, val_docs: Path, workdir: Path, 
     write_json_atomic(workdir / "result.json", out)
     write_json_atomic(workdir / f"result_{kd_tag}.json", out)
     return out
+
+
+def _check_cache(cdir: Path, k: int, ks: int) -> None:
+    """An existing cache is reused only when it holds what this run asks for: teacher top-k, stored ids and
+    (foreign teachers) the current projection. One line naming the cache otherwise, never a silent mix."""
+    from teachers.projection import PROJECTION_VERSION
+
+    try:
+        m = json.loads((cdir / "manifest.json").read_text())
+    except (OSError, ValueError) as e:
+        raise DistillError(f"{cdir / 'manifest.json'}: unreadable ({e})") from None
+    proj = m.get("projection") or {}
+    identity = proj.get("kind") == "identity"
+    want_ks = k if identity else ks  # an in-house teacher (same vocab) stores its k ids as they are
+    got_k, got_ks = int(m.get("teacher_k", m.get("k", 0))), int(m.get("k", 0))
+    if (got_k, got_ks) != (k, want_ks):
+        raise DistillError(f"{cdir}: holds teacher top-k {got_k} with {got_ks} stored ids, this run asks for --k {k} "
+                           f"--k-student {want_ks} (delete it, or use another --workdir)")
+    if not identity and proj.get("kind") == "topk-chain" and proj.get("version") != PROJECTION_VERSION:
+        raise DistillError(f"{cdir}: made with projection v{proj.get('version')}, this version writes "
+                           f"v{PROJECTION_VERSION} (delete it to rebuild, or use another --workdir)")
 
 
 def _score(run: Path, tok: Path, val_glob: str, seq_len: int, log: Path, stage: str) -> dict:
@@ -325,6 +355,8 @@ def add_subparser(sub) -> None:
                    help=f"wall-clock per student run (default {DEFAULT_MINUTES:g})")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--k", type=int, default=16, help="teacher top-k (default 16, as `distill teacher precompute`)")
+    p.add_argument("--k-student", type=int, default=None,
+                   help="student ids stored per row after the projection (default: --k; e.g. --k 128 --k-student 16)")
     p.add_argument("--kd-alpha", type=float, default=DEFAULT_ALPHA,
                    help=f"KD weight alpha (default {DEFAULT_ALPHA:g}, the sweep's best)")
     p.add_argument("--kd-top-k", type=int, default=DEFAULT_TOP_K,
@@ -368,7 +400,8 @@ def add_subparser(sub) -> None:
 
 def _cmd(args) -> int:
     r = run_bench_kd(args.teacher, args.train_docs, args.val_docs, args.workdir, tokenizer=args.tokenizer,
-                     minutes=args.minutes, seeds=args.seeds, k=args.k, kd_alpha=args.kd_alpha,
+                     minutes=args.minutes, seeds=args.seeds, k=args.k, k_student=args.k_student,
+                     kd_alpha=args.kd_alpha,
                      kd_top_k=args.kd_top_k, kd_schedule=args.kd_schedule,
                      kd_target_temperature=args.kd_target_temperature, config=args.config,
                      backend=args.backend, max_model_len=args.max_model_len, sequential=args.sequential,

@@ -1,6 +1,6 @@
 """`distill bench precompute`: what bounds the teacher pass, scoring or projection, measured separately.
 
-    distill bench precompute --teacher T --tokenizer S.model --docs F.jsonl [--k 32] [--max-docs N]
+    distill bench precompute --teacher T --tokenizer S.model --docs F.jsonl [--k 32] [--k-student KS] [--max-docs N]
         [--workers N] [--projection-only] [--json]
 
 Full pass (default): the documents are encoded with the student tokenizer into a token shard and
@@ -133,7 +133,7 @@ def _project_slice(args: tuple) -> tuple[int, float]:
 
 
 def projection_only(teacher: str, tokenizer: str, docs: str, k: int, max_docs: int | None, workers: int,
-                    reference: bool = False) -> dict:
+                    reference: bool = False, k_student: int | None = None) -> dict:
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
 
@@ -149,7 +149,8 @@ def projection_only(teacher: str, tokenizer: str, docs: str, k: int, max_docs: i
     synth_s = time.perf_counter() - t0
     sids = [p[0] for p in pairs]
     res: dict = {"mode": "projection-only", "teacher_topk": "synthetic (bigram)", "synthesis_s": round(synth_s, 2)}
-    slices = [(tokenizer, ttok.token_bytes, sids[w::workers], tdocs[w::workers], k) for w in range(workers)]
+    slices = [(tokenizer, ttok.token_bytes, sids[w::workers], tdocs[w::workers], k_student or k)
+              for w in range(workers)]
     for name, ref in (("", False),) + ((("reference_", True),) if reference else ()):
         t0 = time.perf_counter()
         if workers == 1:
@@ -171,7 +172,7 @@ def projection_only(teacher: str, tokenizer: str, docs: str, k: int, max_docs: i
 
 
 def full_pass(teacher: str, tokenizer: str, docs: str, k: int, max_docs: int | None, workers: int,
-              backend: str, max_model_len: int | None, dtype: str | None) -> dict:
+              backend: str, max_model_len: int | None, dtype: str | None, k_student: int | None = None) -> dict:
     from distill.shards import write_shard
     from distill.tokenizer import encode_docs, load_tokenizer, pack_docs
     from teachers.backend import make_backend
@@ -183,7 +184,7 @@ def full_pass(teacher: str, tokenizer: str, docs: str, k: int, max_docs: int | N
     with tempfile.TemporaryDirectory(prefix="bench_precompute_") as tmp:
         write_shard(Path(tmp) / "fineweb_bench_000000.bin", stream)
         cfg = PrecomputeConfig(teacher=teacher, tokenizer=tokenizer, shards=f"{tmp}/*.bin", out=f"{tmp}/out",
-                               backend=backend, k=k, max_model_len=max_model_len, dtype=dtype,
+                               backend=backend, k=k, k_student=k_student, max_model_len=max_model_len, dtype=dtype,
                                projection_workers=workers, allow_skips=True, progress=False)
         spec = resolve_teacher(teacher)
         be = make_backend(backend, spec, max_model_len=max_model_len, batch_tokens=cfg.batch_tokens, max_k=k,
@@ -204,13 +205,16 @@ def run_bench(args: argparse.Namespace) -> dict:
     for flag, v in (("--k", args.k), ("--workers", args.workers)):
         if v < 1:
             raise DistillError(f"{flag} {v}: must be >= 1")
+    if args.k_student is not None and not 0 < args.k_student <= args.k:
+        raise DistillError(f"--k-student {args.k_student}: expected 1..--k ({args.k})")
     if args.projection_only:
         res = projection_only(args.teacher, args.tokenizer, args.docs, args.k, args.max_docs, args.workers,
-                              args.reference)
+                              args.reference, args.k_student)
     else:
         res = full_pass(args.teacher, args.tokenizer, args.docs, args.k, args.max_docs, args.workers,
-                        args.backend, args.max_model_len, args.dtype)
-    res.update(workers=args.workers, k=args.k, teacher=args.teacher, cpu_count=os.cpu_count())
+                        args.backend, args.max_model_len, args.dtype, args.k_student)
+    res.update(workers=args.workers, k=args.k, k_student=args.k_student or args.k, teacher=args.teacher,
+               cpu_count=os.cpu_count())
     # the record run: one row per training token; hours at the measured rates (this machine)
     res["record_rows"] = RECORD_TOKENS
     if res.get("scoring_rows_per_s"):
@@ -237,6 +241,7 @@ def add_subparser(bench_subparsers) -> None:
     p.add_argument("--tokenizer", required=True, help="the student SentencePiece .model")
     p.add_argument("--docs", required=True, help="JSONL with a \"text\" field per line")
     p.add_argument("--k", type=int, default=32, help="teacher top-k (default 32)")
+    p.add_argument("--k-student", type=int, default=None, help="student ids stored per row (default: --k)")
     p.add_argument("--max-docs", type=int, default=None, help="use the first N documents")
     p.add_argument("--workers", type=int, default=1, help="projection processes (default 1)")
     p.add_argument("--projection-only", action="store_true",

@@ -37,6 +37,16 @@ def test_projection_only_json(gguf, sp1024_path, sample200_path, capsys):
         7.2e9 / res["projection_rows_per_s_per_core"] / 3600, abs=0.06)
 
 
+def test_projection_only_k_student(gguf, sp1024_path, sample200_path, capsys):
+    """--k-student: the candidates stay --k, the stored ids per row are k_s (the JSON says both)."""
+    argv = ["bench", "precompute", "--teacher", str(gguf), "--tokenizer", str(sp1024_path), "--docs",
+            str(sample200_path), "--k", "16", "--k-student", "4", "--max-docs", "2", "--projection-only", "--json"]
+    assert cli_main(argv) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert res["k"] == 16 and res["k_student"] == 4 and res["projection_rows_per_s_per_core"] > 0
+    assert cli_main(argv[:-1] + ["--k-student", "17", "--json"]) != 0  # k_s above k: refused
+
+
 def test_synthetic_teacher_is_a_distribution():
     """Bigram top-k: sorted descending, probabilities sum below 1, the actual token's log-prob matches the
     top-k entry when it is in the top-k."""

@@ -99,7 +99,10 @@ def test_bench_kd_end_to_end(demo, tmp_path):
     assert r["ce_bpb_mean"] == r["ce_bpb"][0] and r["kd_bpb_mean"] == r["kd_bpb"][0]
     assert 0.5 < r["ce_bpb_mean"] < 8.0 and 0.5 < r["kd_bpb_mean"] < 8.0
     assert r["teacher_bpb"] is not None and r["teacher_bpb"] > 0
-    assert r["settings"]["k"] == 8 and r["settings"]["kd_top_k"] == 8
+    assert r["settings"]["k"] == 8 and r["settings"]["kd_top_k"] == 8 and r["settings"]["k_student"] == 8
+    # k and k_s name the cache (one workdir holds several); the run used the one it names
+    assert Path(r["settings"]["teacher_cache"]).name == "cache_f2_k8"
+    assert json.loads((Path(r["settings"]["teacher_cache"]) / "manifest.json").read_text())["k"] == 8
     assert r["settings"]["kd_schedule"] == "constant" and r["settings"]["kd_target_temperature"] == 1.0
     assert r["settings"]["layout"] in ("side-by-side", "sequential")
     assert r["cache_format"] == 2 and 0 < r["cache_bytes_per_token"] < 40
