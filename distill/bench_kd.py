@@ -38,7 +38,11 @@ REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 # at ~10 epochs of the data, annealing toward CE at the end lets CE re-memorise the one-hot labels)
 DEFAULT_MINUTES = 12.0
 DEFAULT_ALPHA = 0.5
-DEFAULT_TOP_K = 0  # 0 = every id the cache holds (--k)
+DEFAULT_TOP_K = 0  # 0 = every id the cache holds (--k-student)
+# teacher top-k 128, 16 student ids stored per row: with projection v3 the deeper candidate list gains most
+# (docs/RESULTS.md "Teacher top-k 128 as the default": P=2 and 12 minutes, 3 seeds each)
+DEFAULT_K = 128
+DEFAULT_K_STUDENT = 16
 DEFAULT_SCHEDULE = "constant"
 DEFAULT_TARGET_TEMPERATURE = 1.0
 NOISE_RATIO = 1.10
@@ -71,7 +75,7 @@ def _bpb_at_tokens(rows: list[dict], tokens: float) -> float | None:
 
 
 def run_bench_kd(teacher: str, train_docs: Path, val_docs: Path, workdir: Path, tokenizer: Path | None = None,
-                 minutes: float = DEFAULT_MINUTES, seeds: int = 3, k: int = 16, k_student: int | None = None,
+                 minutes: float = DEFAULT_MINUTES, seeds: int = 3, k: int = DEFAULT_K, k_student: int | None = None,
                  kd_alpha: float = DEFAULT_ALPHA, kd_top_k: int = DEFAULT_TOP_K,
                  kd_schedule: str = DEFAULT_SCHEDULE, kd_target_temperature: float = DEFAULT_TARGET_TEMPERATURE,
                  config: Path | None = None, backend: str = "hf",
@@ -82,7 +86,7 @@ def run_bench_kd(teacher: str, train_docs: Path, val_docs: Path, workdir: Path, 
     """CE vs KD students, `seeds` pairs. Budget: `minutes` of training per run, or with `passes` P the steps
     that make P passes over the training tokens (the LR warm-down and α schedule placed by that step budget;
     `minutes` stays a cap), so CE and KD see the same tokens whatever their step times."""
-    ks = k if k_student is None else k_student
+    ks = min(DEFAULT_K_STUDENT, k) if k_student is None else k_student
     if not 0 < ks <= k:
         raise DistillError(f"--k-student {ks}: expected 1..--k ({k})")
     workdir.mkdir(parents=True, exist_ok=True)
@@ -276,13 +280,11 @@ def _check_cache(cdir: Path, k: int, ks: int) -> None:
     except (OSError, ValueError) as e:
         raise DistillError(f"{cdir / 'manifest.json'}: unreadable ({e})") from None
     proj = m.get("projection") or {}
-    identity = proj.get("kind") == "identity"
-    want_ks = k if identity else ks  # an in-house teacher (same vocab) stores its k ids as they are
     got_k, got_ks = int(m.get("teacher_k", m.get("k", 0))), int(m.get("k", 0))
-    if (got_k, got_ks) != (k, want_ks):
+    if (got_k, got_ks) != (k, ks):
         raise DistillError(f"{cdir}: holds teacher top-k {got_k} with {got_ks} stored ids, this run asks for --k {k} "
-                           f"--k-student {want_ks} (delete it, or use another --workdir)")
-    if not identity and proj.get("kind") == "topk-chain" and proj.get("version") != PROJECTION_VERSION:
+                           f"--k-student {ks} (delete it, or use another --workdir)")
+    if proj.get("kind") == "topk-chain" and proj.get("version") != PROJECTION_VERSION:
         raise DistillError(f"{cdir}: made with projection v{proj.get('version')}, this version writes "
                            f"v{PROJECTION_VERSION} (delete it to rebuild, or use another --workdir)")
 
@@ -354,9 +356,10 @@ def add_subparser(sub) -> None:
     p.add_argument("--minutes", type=float, default=DEFAULT_MINUTES,
                    help=f"wall-clock per student run (default {DEFAULT_MINUTES:g})")
     p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--k", type=int, default=16, help="teacher top-k (default 16, as `distill teacher precompute`)")
+    p.add_argument("--k", type=int, default=DEFAULT_K,
+                   help=f"teacher top-k, the candidates the projection sees (default {DEFAULT_K})")
     p.add_argument("--k-student", type=int, default=None,
-                   help="student ids stored per row after the projection (default: --k; e.g. --k 128 --k-student 16)")
+                   help=f"student ids stored per row after the projection (default min({DEFAULT_K_STUDENT}, --k))")
     p.add_argument("--kd-alpha", type=float, default=DEFAULT_ALPHA,
                    help=f"KD weight alpha (default {DEFAULT_ALPHA:g}, the sweep's best)")
     p.add_argument("--kd-top-k", type=int, default=DEFAULT_TOP_K,

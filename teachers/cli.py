@@ -33,7 +33,8 @@ def add_parser(subparsers) -> None:
     pc.add_argument("--shards", required=True, help="glob of student token shards")
     pc.add_argument("--k", type=int, default=16, help="teacher top-k per position (default 16)")
     pc.add_argument("--k-student", type=int, default=None,
-                    help="student ids stored per row after projection (default --k; identity teachers: --k)")
+                    help="student ids stored per row after projection (default --k; an in-house teacher stores its top "
+                         "min(--k, --k-student))")
     pc.add_argument("--out", required=True, help="cache directory (student space only)")
     pc.add_argument("--num-shards", type=int, default=1, help="number of parallel workers")
     pc.add_argument("--shard-index", type=int, default=0, help="this worker's index in [0, --num-shards)")

@@ -169,7 +169,8 @@ class ChunkProjector:
             return
         tgt_bytes = int(self.sv.piece_len[stoks[row_lo + 1:row_hi + 1]].sum())
         if self.identity:
-            ids[out], probs[out] = identity_rows(d["topk_ids"][row_lo:row_hi], d["topk_lp"][row_lo:row_hi])
+            ids[out], probs[out] = identity_rows(d["topk_ids"][row_lo:row_hi, :self.k_s],
+                                                 d["topk_lp"][row_lo:row_hi, :self.k_s])
             flags[out] = dc.FLAG_ALIGNED
             stats["teacher_nll_nats"] += float(-d["actual_lp"][row_lo:row_hi].astype(np.float64).sum())
         else:
@@ -224,7 +225,8 @@ class Precompute:
         if self.identity and backend.vocab_size != self.sv.vocab_size:
             raise DistillError(f"--teacher {cfg.teacher}: in-house teacher vocab {backend.vocab_size} differs from "
                                f"the student tokenizer's {self.sv.vocab_size} (not the same tokenizer)")
-        self.k_s = cfg.k if self.identity else (cfg.k_student or cfg.k)
+        # stored ids per row: k_s of the teacher's k (an in-house teacher's top-k_s of its descending top-k)
+        self.k_s = min(cfg.k, cfg.k_student or cfg.k) if self.identity else (cfg.k_student or cfg.k)
         if self.k_s > self.sv.vocab_size:
             raise DistillError(f"--k {self.k_s}: larger than the student vocab ({self.sv.vocab_size})")
         if not self.identity:

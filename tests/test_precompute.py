@@ -147,6 +147,33 @@ def test_storage_and_layout(setup, clean, capsys):
     assert [s["name"] for s in m["shards"]] == ["fineweb_val_000000.bin", "fineweb_val_000001.bin"]
 
 
+def test_inhouse_k_student_stores_the_top_of_the_teachers_k(setup, clean, tmp_path):
+    """--k 16 --k-student 4 with an in-house teacher: each row keeps the 4 most probable of the k=16 run's
+    ids (the teacher's top-k is descending), with the same probabilities; the manifest says k 4 of teacher_k 16."""
+    out = tmp_path / "k4"
+    p = _subprocess(_cmd(setup, out, ["--k-student", "4"]))
+    _, stderr = p.communicate(timeout=300)
+    assert p.returncode == 0, stderr[-2000:]
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["k"] == 4 and m["teacher_k"] == 16
+    compared = 0
+    for si in range(2):
+        ids16, p16, _ = dc.load_targets(clean[0], si)
+        ids4, p4, res4 = dc.load_targets(out, si)
+        assert ids4.shape == (len(ids16), 4)
+        assert np.array_equal(res4, np.float32(1) - p4.sum(1, dtype=np.float32))
+        for i in range(0, len(ids16), 7):
+            order = np.argsort(-p16[i], kind="stable")
+            top = p16[i][order]
+            if top[0] == 0 or top[3] == top[4]:  # no target, or a tie at the cut
+                continue
+            kept = p4[i] > 0
+            assert set(ids4[i][kept].tolist()) == set(ids16[i][order[:4]][top[:4] > 0].tolist())
+            assert np.allclose(np.sort(p4[i][kept]), np.sort(top[:4][top[:4] > 0]))
+            compared += 1
+    assert compared > 1000
+
+
 def test_sigkill_and_resume_is_bit_identical(setup, clean):
     """Acceptance 4: SIGKILL at ~45% of the chunks, rerun the same command: identical arrays and chunk bytes."""
     out = setup["root"] / "killed"
