@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -103,4 +104,9 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    rc = main()
+    # as distill.cli.main after an engine ran: skip the interpreter teardown, where vLLM's engine threads can
+    # SIGABRT ("terminate called without an active exception") after the result is printed
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(rc)

@@ -25,7 +25,7 @@ def main(argv: list[str]) -> int:
     import matplotlib.pyplot as plt
 
     entries = json.loads(src.read_text())["entries"]
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    fig, ax = plt.subplots(figsize=(8, 6.4))
     colours = {}
     for recipe in dict.fromkeys(e["recipe"] for e in entries):
         rows = sorted((e for e in entries if e["recipe"] == recipe), key=lambda e: e["passes"])
@@ -37,14 +37,15 @@ def main(argv: list[str]) -> int:
             xs.append(e["passes"])
             means.append(statistics.fmean(deltas))
             ax.annotate(f"{means[-1]:+.4f} (n={len(deltas)})", (e["passes"], means[-1]), textcoords="offset points",
-                        xytext=(6, 4 - 10 * (len(colours) - 1)), fontsize=7, color=colour)
+                        xytext=(6, 4 - 8 * ((len(colours) - 1) % 4)), fontsize=7, color=colour)
         ax.plot(xs, means, "o-", color=colour, label=recipe)
     ax.axhline(0.0, color="grey", lw=0.8)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("passes over the training tokens (log scale)")
     ax.set_ylabel("KD − CE val bpb (lower = KD better)")
     ax.set_title("teacher → 4×128 sp1024 student, FineWeb sample200 (2-core CPU, side by side)", fontsize=9)
-    ax.legend(fontsize=8)
+    # below the axes: the curves sit where a legend inside would go
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=1)
     fig.tight_layout()
     fig.savefig(dst, dpi=120)
     print(dst)
